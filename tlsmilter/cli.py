@@ -1,0 +1,140 @@
+"""The ``tlsmilter`` command.
+
+Each subcommand lives in its own small function; a ``TlsmilterError`` becomes one clear
+message on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from tlsmilter import __version__, config
+from tlsmilter.errors import ConfigError, TlsmilterError, UsageError
+
+# Exit codes, documented in docs/cli.md.
+EXIT_OK = 0
+EXIT_ERROR = 1  # bad input, bad config, or a runtime failure
+EXIT_USAGE = 2  # argparse's own code for a malformed command line
+EXIT_CHECK_NONE = 3  # check: some domain rated none
+EXIT_CHECK_UNKNOWN = 4  # check: some domain could not be assessed (and none rated none)
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    path = config.resolve_path(args.file or args.config)
+    try:
+        config.load(path)
+    except ConfigError as exc:
+        print(f"{exc.source}: invalid", file=sys.stderr)
+        for issue in exc.issues:
+            print(f"  {issue}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"{path}: OK")
+    return EXIT_OK
+
+
+def _check(args: argparse.Namespace) -> int:
+    from tlsmilter.assess import report
+    from tlsmilter.assess.model import Assessment
+    from tlsmilter.assess.prober import Prober
+    from tlsmilter.domains import normalize_domain
+
+    settings = config.load_optional(args.config).prober
+    overrides: dict[str, object] = {}
+    if args.resolver is not None:
+        problem = config.check_resolver(args.resolver)
+        if problem:
+            raise UsageError(f"--resolver: {problem}")
+        overrides["resolver"] = args.resolver
+    if args.ca_file is not None:
+        overrides["ca_file"] = args.ca_file
+    if args.timeout is not None:
+        if args.timeout <= 0:
+            raise UsageError("--timeout must be greater than 0")
+        overrides["timeouts"] = dataclasses.replace(settings.timeouts, domain=args.timeout)
+    settings = dataclasses.replace(settings, **overrides)  # type: ignore[arg-type]  # mixed kwargs
+    if settings.ca_file and not config.is_file(settings.ca_file):
+        raise UsageError(f"--ca-file: {settings.ca_file}: no such file")
+    domains = [normalize_domain(d) for d in args.domains]
+
+    async def run() -> list[Assessment]:
+        return await Prober(settings).assess_many(domains)
+
+    results = asyncio.run(run())
+    for assessment in results:
+        if args.json:
+            print(json.dumps(assessment.to_json(), sort_keys=True))
+        else:
+            print(report.render(assessment))
+    levels = {a.level for a in results}
+    if "none" in levels:
+        return EXIT_CHECK_NONE
+    if "unknown" in levels:
+        return EXIT_CHECK_UNKNOWN
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tlsmilter",
+        description="Keep sensitive e-mail from leaving Postfix over insecure transport.",
+    )
+    parser.add_argument("--version", action="version", version=f"tlsmilter {__version__}")
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"config file (default: ${config.ENV_VAR} or {config.DEFAULT_PATH})",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    chk = commands.add_parser(
+        "check",
+        help="assess how securely domains can receive mail",
+        description="Assess each DOMAIN's MX hosts (DNSSEC, DANE, MTA-STS, STARTTLS, "
+        "certificates) and rate it none, encrypted, verified or dane. Exit status: 0 all "
+        "domains encrypted or better, 3 some domain rated none, 4 some domain unknown, "
+        "1 error.",
+    )
+    chk.add_argument("domains", nargs="+", metavar="DOMAIN")
+    chk.add_argument("--json", action="store_true", help="one JSON object per domain and line")
+    chk.add_argument("--resolver", metavar="HOST[:PORT]",
+                     help="validating resolver for every lookup (default: prober.resolver)")
+    chk.add_argument("--ca-file", metavar="PATH",
+                     help="trusted CAs for SMTP certificates and MTA-STS (default: system)")
+    chk.add_argument("--timeout", type=float, metavar="S",
+                     help="budget for each domain in seconds (default: prober.timeouts.domain)")
+    chk.set_defaults(handler=_check)
+
+    cfg = commands.add_parser("config", help="work with the configuration file")
+    cfg_commands = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    check = cfg_commands.add_parser(
+        "check", help="validate a config file and print every error with its key"
+    )
+    check.add_argument("file", nargs="?", help="file to check (default: the --config path)")
+    check.set_defaults(handler=_config_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except TlsmilterError as exc:
+        print(f"tlsmilter: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Typed configuration, loaded from one TOML file.
+
+Every key and its default lives here, once, as a dataclass field; ``docs/configuration.md``
+documents each one and a test keeps the two in step. Loading collects every problem (unknown
+key, wrong type, bad value) with its dotted key, so ``tlsmilter config check`` can print them
+all at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import ipaddress
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tlsmilter.errors import ConfigError, ConfigIssue
+
+DEFAULT_PATH = Path("/etc/tlsmilter/tlsmilter.toml")
+ENV_VAR = "TLSMILTER_CONFIG"
+
+Check = Callable[[Any], str | None]
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def check_resolver(value: str) -> str | None:
+    """Why ``value`` is not a usable ``HOST[:PORT]`` resolver address, or None."""
+    try:
+        parse_host_port(value, default_port=53)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def is_file(value: str) -> bool:
+    return Path(value).is_file()
+
+
+def _opt(default: Any, doc: str, check: Check | None = None) -> Any:
+    """A config field: its default, its one-line documentation, and an optional value check."""
+    meta = {"doc": doc, "check": check}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def parse_host_port(value: str, *, default_port: int) -> tuple[str, int]:
+    """Split ``HOST[:PORT]`` (``[v6]:PORT`` for IPv6) into an IP address and a port."""
+    host, port = value, default_port
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{value!r} is not HOST[:PORT]")
+            port = _port(rest[1:], value)
+    elif value.count(":") == 1:
+        host, port_text = value.split(":")
+        port = _port(port_text, value)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address") from None
+    return host, port
+
+
+def _port(text: str, whole: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"{whole!r}: port must be a number from 1 to 65535")
+    return int(text)
+
+
+class TlsVersion(enum.Enum):
+    TLS1_2 = "1.2"
+    TLS1_3 = "1.3"
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Per-step budgets of a probe, in seconds."""
+
+    dns: float = _opt(5.0, "One DNS query, including retries over TCP.", _positive)
+    connect: float = _opt(10.0, "TCP connect to one MX address.", _positive)
+    smtp: float = _opt(15.0, "Each SMTP step: greeting, EHLO, STARTTLS reply.", _positive)
+    tls: float = _opt(10.0, "The TLS handshake after STARTTLS.", _positive)
+    https: float = _opt(10.0, "Fetching the MTA-STS policy, connect to last byte.", _positive)
+    domain: float = _opt(
+        60.0,
+        "Whole assessment of one domain; past it the result is `unknown`.",
+        _positive,
+    )
+
+
+@dataclass(frozen=True)
+class Prober:
+    """How domains are assessed."""
+
+    resolver: str = _opt(
+        "",
+        "Validating resolver as `HOST[:PORT]` for every DNS lookup, the MTA-STS host "
+        "included. Empty: the first nameserver of /etc/resolv.conf. DNSSEC status is taken "
+        "from this resolver's AD bit, so it must validate and be trusted (loopback).",
+        lambda v: check_resolver(v) if v else None,
+    )
+    ca_file: str = _opt(
+        "",
+        "PEM bundle of trusted CAs for SMTP certificates and the MTA-STS HTTPS fetch. "
+        "Empty: the system trust store.",
+        lambda v: None if not v or is_file(v) else "file does not exist",
+    )
+    max_mx: int = _opt(10, "At most this many MX hosts are probed per domain.", _positive)
+    min_tls_version: TlsVersion = _opt(
+        TlsVersion.TLS1_2, 'Lowest TLS version that counts as encrypted: "1.2" or "1.3".'
+    )
+    concurrency: int = _opt(20, "Domains assessed at the same time.", _positive)
+    ehlo_name: str = _opt(
+        "",
+        "Name sent in EHLO by the prober. Empty: this machine's fully qualified name.",
+    )
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+class LogLevel(enum.Enum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Log:
+    level: LogLevel = _opt(LogLevel.INFO, "debug, info, warning or error.")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; ``Config()`` is the documented default."""
+
+    prober: Prober = field(default_factory=Prober)
+    log: Log = field(default_factory=Log)
+
+
+T = TypeVar("T")
+
+
+def load(path: Path) -> Config:
+    """Read and validate a TOML config file; raise ``ConfigError`` listing every problem."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(str(path), [ConfigIssue("", f"cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), [ConfigIssue("", "not UTF-8 text")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [ConfigIssue("", f"not valid TOML: {exc}")]) from None
+    return from_mapping(raw, source=str(path))
+
+
+def from_mapping(raw: Mapping[str, Any], *, source: str = "<config>") -> Config:
+    issues: list[ConfigIssue] = []
+    config = _build(Config, raw, "", issues)
+    if issues:
+        raise ConfigError(source, issues)
+    return config
+
+
+def resolve_path(cli_value: str | None) -> Path:
+    """Config path: ``--config``, else ``$TLSMILTER_CONFIG``, else the default."""
+    if cli_value:
+        return Path(cli_value)
+    return Path(os.environ.get(ENV_VAR) or DEFAULT_PATH)
+
+
+def load_optional(cli_value: str | None) -> Config:
+    """Like ``load``, but a missing *default* file means the built-in defaults."""
+    path = resolve_path(cli_value)
+    if cli_value is None and ENV_VAR not in os.environ and not path.exists():
+        return Config()
+    return load(path)
+
+
+def _build(cls: type[T], raw: Mapping[str, Any], prefix: str, issues: list[ConfigIssue]) -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # T is a dataclass
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            issues.append(ConfigIssue(dotted, f"unknown key{hint}"))
+            continue
+        converted = _convert(hints[key], value, dotted, issues)
+        if converted is _INVALID:
+            continue
+        check = fields[key].metadata.get("check")
+        problem = check(converted) if check else None
+        if problem:
+            issues.append(ConfigIssue(dotted, problem))
+            continue
+        values[key] = converted
+    return cls(**values)
+
+
+_INVALID = object()
+
+
+def _convert(hint: Any, value: Any, dotted: str, issues: list[ConfigIssue]) -> Any:
+    def bad(expected: str) -> object:
+        issues.append(ConfigIssue(dotted, f"expected {expected}, got {_describe(value)}"))
+        return _INVALID
+
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            return bad("a table")
+        return _build(hint, value, f"{dotted}.", issues)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        choices = [m.value for m in hint]
+        if value not in choices:
+            return bad("one of " + ", ".join(repr(c) for c in choices))
+        return hint(value)
+    if hint is bool:
+        return value if isinstance(value, bool) else bad("true or false")
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return value if ok else bad("an integer")
+    if hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return float(value) if ok else bad("a number")
+    if hint is str:
+        return value if isinstance(value, str) else bad("a string")
+    origin = typing.get_origin(hint)
+    if origin is tuple or origin is list:
+        (item,) = typing.get_args(hint)[:1]
+        if not isinstance(value, list):
+            return bad("a list")
+        items = [_convert(item, v, f"{dotted}[{i}]", issues) for i, v in enumerate(value)]
+        return _INVALID if _INVALID in items else origin(items)
+    if origin is dict:
+        _, item = typing.get_args(hint)
+        if not isinstance(value, dict):
+            return bad("a table")
+        out = {k: _convert(item, v, f"{dotted}.{k}", issues) for k, v in value.items()}
+        return _INVALID if _INVALID in out.values() else out
+    if isinstance(hint, types.UnionType):
+        raise TypeError(f"config field {dotted}: unions are not supported, use a default")
+    raise TypeError(f"config field {dotted}: unsupported type {hint!r}")
+
+
+def _describe(value: Any) -> str:
+    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "a list", dict: "a table"}
+    return f"{kinds.get(type(value), type(value).__name__)} ({value!r})"
+
+
+def documented_keys(cls: type[Any] = Config, prefix: str = "") -> dict[str, dataclasses.Field[Any]]:
+    """Every leaf key as a dotted name, for the docs and the test that keeps them complete."""
+    out: dict[str, dataclasses.Field[Any]] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            out.update(documented_keys(hint, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = f
+    return out

@@ -1,0 +1,43 @@
+"""Normalising mail domains: case, trailing dot, IDNA to A-label."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from tlsmilter.errors import UsageError
+
+MAX_DOMAIN = 253
+
+
+class InvalidDomain(UsageError):
+    def __init__(self, domain: str, why: str) -> None:
+        self.domain = domain
+        self.why = why
+        super().__init__(f"{domain!r} is not a mail domain: {why}")
+
+
+def normalize_domain(domain: str) -> str:
+    """Lower-case A-label form without the trailing dot; raise ``InvalidDomain`` otherwise."""
+    text = domain.strip().rstrip(".")
+    if not text:
+        raise InvalidDomain(domain, "empty")
+    if text.startswith("[") or _is_ip(text):
+        raise InvalidDomain(domain, "an address literal has no MX to assess")
+    try:
+        ascii_name = text.encode("idna").decode("ascii").lower()
+    except UnicodeError as exc:
+        raise InvalidDomain(domain, f"IDNA conversion failed ({exc})") from None
+    labels = ascii_name.split(".")
+    if len(ascii_name) > MAX_DOMAIN or any(not 0 < len(label) < 64 for label in labels):
+        raise InvalidDomain(domain, "label or name too long, or an empty label")
+    if any(not all(c.isalnum() or c in "-_" for c in label) for label in labels):
+        raise InvalidDomain(domain, "characters outside letters, digits and hyphens")
+    return ascii_name
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
