@@ -1,0 +1,88 @@
+"""Config loading: defaults, every error with its key, docs and example in step."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tlsmilter import config
+from tlsmilter.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def issues_of(raw: dict[str, object]) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        config.from_mapping(raw)
+    return [str(i) for i in info.value.issues]
+
+
+def test_empty_file_is_the_default() -> None:
+    assert config.from_mapping({}) == config.Config()
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"prober": {"max_mxx": 3}}, "prober.max_mxx: unknown key (did you mean prober.max_mx?)"),
+        ({"nope": {}}, "nope: unknown key"),
+        ({"prober": {"max_mx": "3"}}, "prober.max_mx: expected an integer, got a string ('3')"),
+        ({"prober": {"max_mx": True}}, "prober.max_mx: expected an integer, got a boolean"),
+        ({"prober": {"max_mx": 0}}, "prober.max_mx: must be greater than 0"),
+        ({"prober": {"resolver": "resolver.example"}}, "is not an IP address"),
+        ({"prober": {"resolver": "127.0.0.1:99999"}}, "port must be a number from 1 to 65535"),
+        ({"prober": {"ca_file": "/nonexistent/ca.pem"}}, "prober.ca_file: file does not exist"),
+        ({"prober": {"min_tls_version": "1.0"}}, "prober.min_tls_version: expected one of"),
+        ({"prober": {"timeouts": {"dns": -1}}}, "prober.timeouts.dns: must be greater than 0"),
+        ({"prober": {"timeouts": 5}}, "prober.timeouts: expected a table"),
+        ({"log": {"level": "loud"}}, "log.level: expected one of"),
+    ],
+)
+def test_each_error_names_its_key(raw: dict[str, object], expected: str) -> None:
+    (issue,) = issues_of(raw)
+    assert expected in issue
+
+
+def test_all_errors_are_reported_at_once() -> None:
+    found = issues_of({"prober": {"max_mx": -1, "concurrency": "x"}, "log": {"level": 3}})
+    assert len(found) == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port"),
+    [("127.0.0.1", "127.0.0.1", 53), ("127.0.0.1:5353", "127.0.0.1", 5353),
+     ("::1", "::1", 53), ("[::1]:5353", "::1", 5353)],
+)
+def test_resolver_address_forms(text: str, host: str, port: int) -> None:
+    assert config.parse_host_port(text, default_port=53) == (host, port)
+
+
+def test_values_are_typed() -> None:
+    cfg = config.from_mapping({"prober": {"min_tls_version": "1.3", "timeouts": {"dns": 2}}})
+    assert cfg.prober.min_tls_version is config.TlsVersion.TLS1_3
+    assert cfg.prober.timeouts.dns == 2.0 and isinstance(cfg.prober.timeouts.dns, float)
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        config.load(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[prober\nmax_mx = 1\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(bad)
+
+
+def test_example_config_is_valid_and_shows_defaults() -> None:
+    assert config.load(ROOT / "contrib" / "tlsmilter.toml") == config.Config()
+
+
+def test_every_key_is_documented_with_its_default() -> None:
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    for key, field in config.documented_keys().items():
+        row = re.search(rf"^\| `{re.escape(key)}` \|(.*)$", doc, re.MULTILINE)
+        assert row, f"{key} is not documented in docs/configuration.md"
+        default = field.default.value if hasattr(field.default, "value") else field.default
+        shown = f'`"{default}"`' if isinstance(default, str) else f"`{default}`"
+        assert shown in row.group(1), f"{key}: docs do not show the default {shown}"
