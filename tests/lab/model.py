@@ -65,7 +65,7 @@ class Smtp:
 
 @dataclass(frozen=True)
 class MX:
-    name: str  # label inside the domain ("mx1") or an absolute name ending in "." (shared MX)
+    name: str  # label inside the domain: "mx1" becomes mx1.<domain>
     server: Smtp = field(default_factory=Smtp)
     preference: int = 10
     tlsa: tuple[Tlsa, ...] = ()
