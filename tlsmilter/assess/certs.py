@@ -85,6 +85,10 @@ def verify_pkix(chain: list[x509.Certificate], names: list[str], store: Store,
     if not any(name_matches(leaf, n) for n in names):
         return PkixResult(False, Code.CERT_NAME_MISMATCH,
                           f"certificate is for {', '.join(cert_names(leaf)) or 'no DNS name'}")
+    if leaf.issuer == leaf.subject:
+        detail = "self-signed certificate"
+    elif not any(c.subject == leaf.issuer for c in chain[1:]):
+        detail = f"issuer {leaf.issuer.rfc4514_string()} is not trusted"
     return PkixResult(False, Code.CERT_UNTRUSTED, detail)
 
 

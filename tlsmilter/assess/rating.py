@@ -119,6 +119,17 @@ def _cert_problem(probe: AddressProbe) -> Code:
     return Code.CERT_UNTRUSTED
 
 
+def _probe_detail(code: Code, probe: AddressProbe) -> str:
+    """The fact behind ``code``, for the reason text."""
+    if code is Code.TLS_VERSION_LOW:
+        return probe.tls_version or ""
+    if code in (Code.DANE_MATCH, Code.DANE_MISMATCH):
+        return probe.dane_detail or ""
+    if code in (Code.CERT_EXPIRED, Code.CERT_NAME_MISMATCH, Code.CERT_UNTRUSTED):
+        return (probe.pkix_error or "").partition(": ")[2]
+    return probe.error or ""
+
+
 def _weakest(levels: list[str]) -> str:
     known = [Level(v) for v in levels if v != UNKNOWN]
     return min(known).value if known else UNKNOWN
@@ -145,16 +156,16 @@ def rate(facts: DomainFacts) -> Rating:
                                       dane_applies=dane_applies,
                                       min_version=facts.min_tls_version)
             levels.append(level)
-            detail = probe.error or probe.pkix_error or probe.dane_detail or ""
-            if Code.TLS_VERSION_LOW in codes:
-                detail = probe.tls_version or detail
             for code in codes:
+                detail = _probe_detail(code, probe)
                 reasons.append(reason(code, mx.host, f"{probe.address}: {detail}"
                                       if detail else probe.address))
         mx.level = _weakest(levels)
         mx_levels.append(mx.level)
         if mx.tlsa and not mx.tlsa_secure:
             reasons.append(reason(Code.TLSA_INSECURE, mx.host))
+        elif facts.dnssec and not mx.tlsa and not mx.tlsa_error:
+            reasons.append(reason(Code.NO_TLSA, mx.host))
     level = _weakest(mx_levels)
     reasons = _dedupe(reasons)
     if level == UNKNOWN:

@@ -17,6 +17,7 @@ _ADVICE = {
                      "to match them",
     "mx_insecure": "sign the zone with DNSSEC, or publish an MTA-STS policy in enforce mode",
     "no_tlsa": "publish TLSA records (DANE) for each MX",
+    "mx_insecure_sts": "sign the zone with DNSSEC and publish TLSA records to reach DANE",
     "mta_sts_testing": "move the MTA-STS policy to mode enforce once reports look clean",
     "mta_sts_not_covered": "add the MX host to the MTA-STS policy's mx patterns",
     "mta_sts_failed": "fix the MTA-STS policy host (HTTPS certificate, policy syntax)",
@@ -38,11 +39,12 @@ def render(assessment: Assessment) -> str:
     for reason in _ordered(a.reasons):
         where = f" [{reason.host}]" if reason.host else ""
         lines.append(f"  {_MARK[reason.severity]} {reason.text}{where}")
-    fixes = []
-    for code in dict.fromkeys(r.code.value for r in a.reasons
-                              if r.severity is not Severity.GOOD):
-        if code in _ADVICE:
-            fixes.append(_ADVICE[code])
+    codes = dict.fromkeys(r.code.value for r in a.reasons if r.severity is not Severity.GOOD)
+    if a.mta_sts and a.mta_sts.mode == "enforce" and "mx_insecure" in codes:
+        # Already authenticated by MTA-STS: DNSSEC is the step towards DANE, not an alternative.
+        del codes["mx_insecure"]
+        codes["mx_insecure_sts"] = None
+    fixes = [_ADVICE[code] for code in codes if code in _ADVICE]
     if fixes:
         lines.append("  to improve: " + "; ".join(fixes))
     return "\n".join(lines)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import _ssl
 import asyncio
 import contextlib
+import functools
 import ssl
 import time
+import warnings
 
 from cryptography import x509
 
@@ -27,17 +29,18 @@ class _SmtpFailure(Exception):
         self.temporary = temporary
 
 
+@functools.cache
 def _probe_context() -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     # Accept everything so the version actually offered can be reported; the rating decides.
-    ctx.minimum_version = ssl.TLSVersion.TLSv1
+    # Python deprecates TLS 1.0 for use; seeing it is exactly what we need it for.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1
     ctx.set_ciphers("ALL:@SECLEVEL=0")
     return ctx
-
-
-_CONTEXT = _probe_context()
 
 
 async def probe_address(
@@ -77,7 +80,7 @@ async def probe_address(
             return result, chain
         try:
             async with asyncio.timeout(tls_timeout):
-                await writer.start_tls(_CONTEXT, server_hostname=host)
+                await writer.start_tls(_probe_context(), server_hostname=host)
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             result.error = f"TLS handshake failed: {_describe(exc)}"
             return result, chain
