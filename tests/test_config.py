@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -83,6 +84,11 @@ def test_every_key_is_documented_with_its_default() -> None:
     for key, field in config.documented_keys().items():
         row = re.search(rf"^\| `{re.escape(key)}` \|(.*)$", doc, re.MULTILINE)
         assert row, f"{key} is not documented in docs/configuration.md"
-        default = field.default.value if hasattr(field.default, "value") else field.default
-        shown = f'`"{default}"`' if isinstance(default, str) else f"`{default}`"
-        assert shown in row.group(1), f"{key}: docs do not show the default {shown}"
+        default = field.default_factory() if callable(field.default_factory) else field.default
+        if isinstance(default, dict):
+            shown = [f'"{k}" = "{v}"' for k, v in default.items()]
+        else:
+            value = default.value if hasattr(default, "value") else default
+            shown = [f"`{json.dumps(value)}`"]
+        for part in shown:
+            assert part in row.group(1), f"{key}: docs do not show the default {part}"

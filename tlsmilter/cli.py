@@ -81,6 +81,27 @@ def _check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from tlsmilter.serve import serve
+
+    settings = config.load_optional(args.config)
+    if args.socket:
+        problem = config.check_milter_socket(args.socket)
+        if problem:
+            raise UsageError(f"--socket: {problem}")
+        settings = dataclasses.replace(
+            settings, milter=dataclasses.replace(settings.milter, socket=args.socket))
+    _setup_logging(settings.log.level.value)
+    return serve(settings)
+
+
+def _setup_logging(level: str) -> None:
+    logging.getLogger().setLevel(level.upper())
+    # One line per event, no timestamps: journald (or the operator's runner) adds them.
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tlsmilter",
@@ -111,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--timeout", type=float, metavar="S",
                      help="budget for each domain in seconds (default: prober.timeouts.domain)")
     chk.set_defaults(handler=_check)
+
+    srv = commands.add_parser(
+        "serve",
+        help="run the milter with the embedded cache and prober",
+        description="Run the milter Postfix connects to (smtpd_milters), with the embedded "
+        "in-process cache and prober. Stops cleanly on SIGTERM.",
+    )
+    srv.add_argument("--socket", metavar="SPEC",
+                     help="unix:/PATH or inet:PORT@127.0.0.1 (default: milter.socket)")
+    srv.set_defaults(handler=_serve)
 
     cfg = commands.add_parser("config", help="work with the configuration file")
     cfg_commands = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")

@@ -141,11 +141,150 @@ class Log:
     level: LogLevel = _opt(LogLevel.INFO, "debug, info, warning or error.")
 
 
+def check_milter_socket(value: str) -> str | None:
+    """Why ``value`` is not a usable milter socket spec, or None."""
+    return _socket(value)
+
+
+def _socket(value: str) -> str | None:
+    kind, _, rest = value.partition(":")
+    if kind == "unix" and rest.startswith("/"):
+        return None
+    if kind == "inet":
+        port, _, host = rest.partition("@")
+        if not port.isdigit():
+            return "inet sockets are inet:PORT@127.0.0.1"
+        try:
+            loopback = ipaddress.ip_address(host or "0.0.0.0").is_loopback
+        except ValueError:
+            return f"{host!r} is not an IP address"
+        return None if loopback else "must listen on a loopback address only"
+    return "expected unix:/ABSOLUTE/PATH or inet:PORT@127.0.0.1"
+
+
+def _mode(value: str) -> str | None:
+    ok = len(value) == 4 and value[0] == "0" and all(c in "01234567" for c in value)
+    return None if ok else 'expected an octal file mode like "0660"'
+
+
+@dataclass(frozen=True)
+class Milter:
+    """The milter Postfix talks to."""
+
+    socket: str = _opt(
+        "unix:/run/tlsmilter/milter.sock",
+        "Where the milter listens: `unix:/PATH` (recommended) or `inet:PORT@127.0.0.1`. "
+        "Over inet, libmilter's missing TCP_NODELAY costs ~40 ms per message.",
+        _socket,
+    )
+    socket_mode: str = _opt("0660", "File mode of the unix socket (Postfix must be able to "
+                            "write to it: put the postfix user in tlsmilter's group).", _mode)
+    eom_wait: float = _opt(
+        5.0,
+        "Seconds a sensitive message waits at end-of-message for assessments still running. "
+        "Domains not assessed by then count as unknown.",
+        _positive,
+    )
+    monitor: bool = _opt(
+        False, "Roll-out mode: never refuse or hold, only tag and log what would have happened."
+    )
+    local_transports: list[str] = _opt(
+        ["local", "virtual", "lmtp", "error", "discard"],
+        "Recipients whose Postfix transport (`{rcpt_mailer}`) is one of these are delivered "
+        "locally and not checked.",
+    )
+    skip_domains: list[str] = _opt(
+        [], "Recipient domains never checked (e.g. your own domains delivered internally)."
+    )
+    subject_tag: str = _opt(
+        "", "Prefix added to the Subject by the `tag` action, e.g. `[insecure]`. Empty: none."
+    )
+
+
+class LevelName(enum.Enum):
+    ENCRYPTED = "encrypted"
+    VERIFIED = "verified"
+    DANE = "dane"
+
+
+class ActionName(enum.Enum):
+    TAG = "tag"
+    QUARANTINE = "quarantine"
+    TEMPFAIL = "tempfail"
+    REJECT = "reject"
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    require: LevelName = _opt(LevelName.ENCRYPTED, "Lowest level every recipient domain must "
+                              "have: encrypted, verified or dane.")
+    on_insecure: ActionName = _opt(ActionName.REJECT, "Action when a domain is below `require`: "
+                                   "tag, quarantine, tempfail or reject.")
+    on_unknown: ActionName = _opt(ActionName.TEMPFAIL, "Action when a domain could not be "
+                                  "assessed (yet): tag, quarantine, tempfail or reject.")
+    reply: list[str] = _opt([], "Extra lines appended to the SMTP reply, e.g. a link to a "
+                            "secure portal.")
+
+
+DEFAULT_POLICIES = {
+    "personal": PolicySettings(require=LevelName.ENCRYPTED),
+    "private": PolicySettings(require=LevelName.VERIFIED),
+    "confidential": PolicySettings(require=LevelName.VERIFIED),
+}
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """How a message is recognised as sensitive."""
+
+    headers: list[str] = _opt(["X-Sensitivity", "Sensitivity"],
+                              "Headers that carry a sensitivity value.")
+    values: dict[str, str] = _opt(
+        {"personal": "personal", "private": "private", "company-confidential": "confidential",
+         "confidential": "confidential", "normal": ""},
+        'Header value (case-insensitive) to policy name; `""` means not sensitive. Your '
+        "entries are merged over the defaults.",
+    )
+    fail_safe_policy: str = _opt("confidential", "Policy for a non-empty value not in "
+                                 "`values`: a typo never makes sensitive mail ordinary.")
+
+
+@dataclass(frozen=True)
+class Cache:
+    """The embedded in-process assessment cache."""
+
+    max_entries: int = _opt(100_000, "Domains kept; the least recently used go first.",
+                            _positive)
+    ttl: float = _opt(21600.0, "Seconds an `encrypted`, `verified` or `dane` result stays "
+                      "fresh.", _positive)
+    ttl_none: float = _opt(3600.0, "Seconds a `none` result stays fresh.", _positive)
+    ttl_unknown: float = _opt(300.0, "Seconds an `unknown` result is kept (never served "
+                              "stale).", _positive)
+    stale_max: float = _opt(86400.0, "Seconds past expiry a result may still be served while "
+                            "it is re-assessed.", _positive)
+
+
+@dataclass(frozen=True)
+class PolicyServer:
+    """The Postfix `smtp_tls_policy_maps` socketmap server."""
+
+    socket: str = _opt("unix:/run/tlsmilter/policy.sock", "Where it listens (`unix:/PATH`).",
+                       lambda v: None if v.startswith("unix:/") else "expected unix:/PATH")
+    map_name: str = _opt("tlspolicy", "The socketmap name Postfix asks for.")
+    socket_mode: str = _opt("0666", "File mode of the socket (Postfix's smtp client must reach "
+                            "it).", _mode)
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration; ``Config()`` is the documented default."""
 
+    milter: Milter = field(default_factory=Milter)
+    sensitivity: Sensitivity = field(default_factory=Sensitivity)
+    policies: dict[str, PolicySettings] = field(default_factory=lambda: dict(DEFAULT_POLICIES))
     prober: Prober = field(default_factory=Prober)
+    cache: Cache = field(default_factory=Cache)
+    policy_server: PolicyServer = field(default_factory=PolicyServer)
     log: Log = field(default_factory=Log)
 
 
@@ -168,9 +307,37 @@ def load(path: Path) -> Config:
 def from_mapping(raw: Mapping[str, Any], *, source: str = "<config>") -> Config:
     issues: list[ConfigIssue] = []
     config = _build(Config, raw, "", issues)
+    if not issues:
+        config = _merge_defaults(config)
+        issues.extend(_cross_check(config))
     if issues:
         raise ConfigError(source, issues)
     return config
+
+
+def _merge_defaults(config: Config) -> Config:
+    """Named policies and sensitivity values the file gives are merged over the defaults."""
+    values = {**Sensitivity().values, **{k.lower(): v for k, v in
+                                         config.sensitivity.values.items()}}
+    return dataclasses.replace(
+        config,
+        policies={**DEFAULT_POLICIES, **config.policies},
+        sensitivity=dataclasses.replace(config.sensitivity, values=values),
+    )
+
+
+def _cross_check(config: Config) -> list[ConfigIssue]:
+    issues = []
+    for value, policy in config.sensitivity.values.items():
+        if policy and policy not in config.policies:
+            issues.append(ConfigIssue(f"sensitivity.values.{value}",
+                                      f"no policy named {policy!r} (see [policies])"))
+    if config.sensitivity.fail_safe_policy not in config.policies:
+        issues.append(ConfigIssue("sensitivity.fail_safe_policy",
+                                  f"no policy named {config.sensitivity.fail_safe_policy!r}"))
+    if not config.sensitivity.headers:
+        issues.append(ConfigIssue("sensitivity.headers", "at least one header is needed"))
+    return issues
 
 
 def resolve_path(cli_value: str | None) -> Path:
@@ -270,6 +437,9 @@ def documented_keys(cls: type[Any] = Config, prefix: str = "") -> dict[str, data
         hint = hints[f.name]
         if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             out.update(documented_keys(hint, f"{prefix}{f.name}."))
+        elif typing.get_origin(hint) is dict and dataclasses.is_dataclass(
+                typing.get_args(hint)[1]):
+            out.update(documented_keys(typing.get_args(hint)[1], f"{prefix}{f.name}.NAME."))
         else:
             out[f"{prefix}{f.name}"] = f
     return out

@@ -1,0 +1,113 @@
+"""Sensitivity policies and the pure ``decide`` function.
+
+``decide`` turns a policy and the assessment of every recipient domain into one verdict for the
+whole message (headers arrive after RCPT, so a header-triggered decision can only be taken at
+end-of-message). It never does I/O; the milter only applies what it returns.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tlsmilter.levels import Level
+
+
+class Action(enum.Enum):
+    """What happens to a message; values double as metric labels and log fields."""
+
+    ACCEPT = "accept"
+    TAG = "tag"
+    QUARANTINE = "quarantine"
+    TEMPFAIL = "tempfail"
+    REJECT = "reject"
+
+    @property
+    def severity(self) -> int:
+        return _SEVERITY[self]
+
+
+_SEVERITY = {Action.ACCEPT: 0, Action.TAG: 1, Action.QUARANTINE: 2, Action.TEMPFAIL: 3,
+             Action.REJECT: 4}
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    require: Level
+    on_insecure: Action  # a domain below ``require``
+    on_unknown: Action  # a domain that could not be assessed
+    reply: tuple[str, ...] = ()  # extra reply lines, e.g. a link to a secure portal
+
+    def strictness(self) -> tuple[int, int, int]:
+        """Orders policies: when several headers apply, the strictest wins."""
+        return self.require.rank, self.on_insecure.severity, self.on_unknown.severity
+
+
+@dataclass(frozen=True)
+class DomainStatus:
+    """What the milter knows of one recipient domain at end-of-message."""
+
+    domain: str
+    level: Level | None  # None: unknown (not assessed in time, or a temporary failure)
+    why: str = ""  # plain-language reason for people, e.g. "mx1 does not offer STARTTLS"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: Action
+    policy: Policy
+    failing: tuple[DomainStatus, ...] = ()
+    would_be: Action | None = None  # in monitor mode: the action that was not taken
+    smtp_code: str = ""
+    enhanced_code: str = ""
+    reply: tuple[str, ...] = field(default=())
+
+
+# RFC 3463 / RFC 5248: X.7.10 "Encryption needed"; X.4.3 "Directory server failure" for
+# domains we could not assess (DNS trouble or timeouts): a retry may well succeed.
+REJECT_CODES = ("550", "5.7.10")
+TEMPFAIL_INSECURE_CODES = ("450", "4.7.10")
+TEMPFAIL_UNKNOWN_CODES = ("451", "4.4.3")
+
+
+def decide(policy: Policy, domains: Sequence[DomainStatus], *, monitor: bool = False,
+           sensitivity: str = "") -> Verdict:
+    """One verdict for the whole message; names every failing domain in the reply."""
+    insecure = tuple(d for d in domains if d.level is not None and d.level < policy.require)
+    unknown = tuple(d for d in domains if d.level is None)
+    candidates = [Action.ACCEPT]
+    if insecure:
+        candidates.append(policy.on_insecure)
+    if unknown:
+        candidates.append(policy.on_unknown)
+    action = max(candidates, key=lambda a: a.severity)
+    failing = insecure + unknown
+    if action is Action.ACCEPT:
+        return Verdict(Action.ACCEPT, policy)
+    reply = _reply_lines(policy, insecure, unknown, sensitivity)
+    if monitor and action is not Action.TAG:
+        return Verdict(Action.TAG, policy, failing, would_be=action, reply=reply)
+    if action is Action.REJECT:
+        code, xcode = REJECT_CODES
+    elif action is Action.TEMPFAIL:
+        code, xcode = TEMPFAIL_INSECURE_CODES if insecure else TEMPFAIL_UNKNOWN_CODES
+    else:
+        code, xcode = "", ""
+    return Verdict(action, policy, failing, smtp_code=code, enhanced_code=xcode, reply=reply)
+
+
+def _reply_lines(policy: Policy, insecure: tuple[DomainStatus, ...],
+                 unknown: tuple[DomainStatus, ...], sensitivity: str) -> tuple[str, ...]:
+    marked = f"marked {sensitivity!r}" if sensitivity else "marked sensitive"
+    lines = [f"This message is {marked} and needs {policy.require.value} transport security; "
+             f"it was not sent."]
+    for d in insecure:
+        lines.append(f"{d.domain}: cannot receive mail securely enough"
+                     f"{': ' + d.why if d.why else ''}")
+    for d in unknown:
+        lines.append(f"{d.domain}: transport security not known yet"
+                     f"{': ' + d.why if d.why else ''}; try again later")
+    lines.extend(policy.reply)
+    return tuple(lines)
