@@ -242,7 +242,7 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         log.info(
             "decision queue_id=%s sensitivity=%s policy=%s require=%s verdict=%s%s "
             "domains=%s failing=%s",
-            queue_id, value, verdict.policy.name, verdict.policy.require.value,
+            queue_id, _printable(value), verdict.policy.name, verdict.policy.require.value,
             verdict.action.value,
             f" would_be={verdict.would_be.value}" if verdict.would_be else "",
             levels, ",".join(d.domain for d in verdict.failing) or "-",
@@ -256,6 +256,12 @@ def _why(entry: Entry) -> str:
             host = f" ({reason['host']})" if reason.get("host") else ""
             return f"{reason['text'].split(' (')[0]}{host}"
     return ""
+
+
+def _printable(text: str) -> str:
+    """Header-derived text for a log line: ASCII, no spaces or control characters."""
+    return "".join(c if c.isascii() and c.isprintable() and c != " " else "?" for c in text) \
+        or "-"
 
 
 def _escape(lines: tuple[str, ...]) -> tuple[str, ...]:

@@ -1,0 +1,242 @@
+"""Milter callbacks driven through pymilter's test context (no MTA).
+
+The engine is real (cache, event loop, in-flight bookkeeping); only the prober behind it is a
+stand-in returning prepared assessments, since these tests are about the glue, not the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.message
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import Milter
+import pytest
+from Milter import testctx
+
+from tlsmilter import config
+from tlsmilter.engine import Engine
+from tlsmilter.milter import ASSESSMENT_HEADER, ROUTE_HEADER, TAG_HEADER, TlsMilter, policies_from
+
+
+def assessment(domain: str, level: str) -> dict[str, Any]:
+    reasons = [] if level != "none" else [
+        {"code": "no_starttls", "severity": "problem", "host": f"mx1.{domain}",
+         "text": "MX does not offer STARTTLS: mail would travel in clear text (127.0.0.1)"}]
+    return {"domain": domain, "level": level, "reasons": reasons}
+
+
+@dataclass
+class _Result:
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+
+    def to_json(self) -> dict[str, Any]:
+        return self.data
+
+
+class StandInProber:
+    """Answers from a table after ``delay`` seconds; counts calls."""
+
+    def __init__(self, levels: dict[str, str], delay: float = 0.0) -> None:
+        self.levels = levels
+        self.delay = delay
+        self.calls: list[str] = []
+        self.release = threading.Event()
+
+    async def assess(self, domain: str) -> _Result:
+        self.calls.append(domain)
+        await asyncio.sleep(self.delay)
+        if domain == "boom.test":
+            raise RuntimeError("prober bug")
+        return _Result(assessment(domain, self.levels.get(domain, "unknown")))
+
+
+class Ctx(testctx.TestCtx):  # type: ignore[misc]
+    """TestCtx records quarantine (its own raises NotImplemented)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quarantined: str | None = None
+
+    def quarantine(self, reason: str) -> None:
+        self.quarantined = reason
+
+
+LEVELS = {"dane.test": "dane", "verified.test": "verified", "enc.test": "encrypted",
+          "plain.test": "none"}
+
+
+@pytest.fixture
+def make_engine() -> Iterator[Any]:
+    engines: list[Engine] = []
+
+    def make(settings: config.Config, delay: float = 0.0, warm: bool = True
+             ) -> tuple[Engine, StandInProber]:
+        prober = StandInProber(LEVELS, delay)
+        engine = Engine(settings, prober=prober)  # type: ignore[arg-type]
+        engine.start()
+        if warm:
+            for domain, level in LEVELS.items():
+                engine.cache.put(assessment(domain, level))
+        engines.append(engine)
+        return engine, prober
+
+    yield make
+    for engine in engines:
+        engine.stop()
+
+
+def send(engine: Engine, settings: config.Config, rcpts: list[str],
+         headers: list[tuple[str, str]], mailer: str = "smtp") -> tuple[int, Ctx]:
+    Milter.factory = lambda: TlsMilter(engine, settings, policies_from(settings))
+    ctx = Ctx()
+    ctx._setsymval("{rcpt_mailer}", mailer)
+    ctx._setsymval("i", "4QID1")
+    assert ctx._connect() == Milter.CONTINUE
+    ctx._envfrom("<sender@example.org>")
+    for rcpt in rcpts:
+        assert ctx._envrcpt(rcpt) == Milter.CONTINUE
+    ctx._data()
+    msg = email.message.Message()
+    for name, value in headers:
+        msg[name] = value
+    ctx._msg = msg
+    for name, value in headers:
+        ctx._header(name, value)
+    ctx._eoh()
+    return ctx._eom(), ctx
+
+
+DEFAULT = config.Config()
+SENSITIVE = [("Subject", "Patient file"), ("X-Sensitivity", "private")]
+
+
+def test_non_sensitive_mail_is_untouched(make_engine: Any) -> None:
+    engine, _ = make_engine(DEFAULT)
+    rc, ctx = send(engine, DEFAULT, ["<a@plain.test>"], [("Subject", "hello")])
+    assert rc == Milter.ACCEPT
+    assert not ctx._headerschanged and ctx._reply is None
+
+
+def test_sensitive_mail_to_secure_domains_is_routed(make_engine: Any) -> None:
+    engine, _ = make_engine(DEFAULT)
+    rc, ctx = send(engine, DEFAULT, ["<a@dane.test>", "<b@Verified.TEST.>"], SENSITIVE)
+    assert rc == Milter.ACCEPT
+    assert ctx._msg[ROUTE_HEADER] == "verified"
+    assert "dane.test=dane; verified.test=verified" in ctx._msg[ASSESSMENT_HEADER]
+
+
+def test_sensitive_mail_to_a_weak_domain_is_rejected_naming_it(make_engine: Any) -> None:
+    engine, _ = make_engine(DEFAULT)
+    rc, ctx = send(engine, DEFAULT, ["<a@dane.test>", "<b@plain.test>"], SENSITIVE)
+    assert rc == Milter.REJECT
+    code, xcode, *lines = ctx._reply
+    assert (code, xcode) == ("550", "5.7.10")
+    assert any(line.startswith("plain.test: cannot receive mail securely enough: MX does not "
+                               "offer STARTTLS") for line in lines)
+    assert not any("dane.test" in line for line in lines)
+
+
+def test_unknown_domain_waits_then_tempfails_and_probe_fills_cache(make_engine: Any) -> None:
+    settings = config.from_mapping({"milter": {"eom_wait": 0.2}})
+    engine, prober = make_engine(settings, delay=1.0, warm=False)
+    rc, ctx = send(engine, settings, ["<a@dane.test>"], SENSITIVE)
+    assert rc == Milter.TEMPFAIL
+    assert ctx._reply[:2] == ("451", "4.4.3")
+    assert prober.calls == ["dane.test"]  # probed once, started at RCPT
+    engine.wait(["dane.test"], 5)
+    rc, _ctx = send(engine, settings, ["<a@dane.test>"], SENSITIVE)
+    assert rc == Milter.ACCEPT
+
+
+def test_eom_wait_returns_as_soon_as_the_probe_finishes(make_engine: Any) -> None:
+    settings = config.from_mapping({"milter": {"eom_wait": 5}})
+    engine, _ = make_engine(settings, delay=0.1, warm=False)
+    rc, _ctx = send(engine, settings, ["<a@verified.test>"], SENSITIVE)
+    assert rc == Milter.ACCEPT
+
+
+def test_local_and_skipped_recipients_are_not_checked(make_engine: Any) -> None:
+    settings = config.from_mapping({"milter": {"skip_domains": ["Plain.test."]}})
+    engine, prober = make_engine(settings, warm=False)
+    rc, _ = send(engine, settings, ["<x@unassessed.test>"], SENSITIVE, mailer="local")
+    assert rc == Milter.ACCEPT
+    rc, _ = send(engine, settings, ["<x@plain.test>", "<postmaster>"], SENSITIVE)
+    assert rc == Milter.ACCEPT
+    assert prober.calls == []
+
+
+@pytest.mark.parametrize("rcpt", ["<user@[192.0.2.1]>", "<user@bad..domain>",
+                                  "<user@" + "x" * 300 + ">", "<@>", "<a@b@c.test>", "garbage"])
+def test_strange_recipients_never_crash(make_engine: Any, rcpt: str) -> None:
+    engine, _ = make_engine(DEFAULT)
+    rc, ctx = send(engine, DEFAULT, [rcpt], SENSITIVE)
+    assert rc in (Milter.ACCEPT, Milter.REJECT, Milter.TEMPFAIL)
+    if "[" in rcpt:
+        assert rc == Milter.REJECT
+        assert any("address literal" in line for line in ctx._reply[2:])
+
+
+def test_forged_internal_headers_are_removed_from_any_message(make_engine: Any) -> None:
+    engine, _ = make_engine(DEFAULT)
+    headers = [("Subject", "hi"), (ROUTE_HEADER, "dane"), (ASSESSMENT_HEADER, "forged")]
+    rc, ctx = send(engine, DEFAULT, ["<a@plain.test>"], headers)
+    assert rc == Milter.ACCEPT
+    assert ctx._msg[ROUTE_HEADER] is None and ctx._msg[ASSESSMENT_HEADER] is None
+
+
+def test_tls_required_no_is_removed_from_sensitive_mail(make_engine: Any) -> None:
+    engine, _ = make_engine(DEFAULT)
+    rc, ctx = send(engine, DEFAULT, ["<a@dane.test>"], [*SENSITIVE, ("TLS-Required", "No")])
+    assert rc == Milter.ACCEPT
+    assert ctx._msg["TLS-Required"] is None
+
+
+def test_monitor_mode_tags_instead_of_rejecting(make_engine: Any) -> None:
+    settings = config.from_mapping({"milter": {"monitor": True, "subject_tag": "[insecure]"}})
+    engine, _ = make_engine(settings)
+    rc, ctx = send(engine, settings, ["<a@plain.test>"], SENSITIVE)
+    assert rc == Milter.ACCEPT
+    assert ctx._msg[TAG_HEADER] == "insecure: plain.test (would reject)"
+    # TestCtx's chgheader appends instead of replacing; Postfix replaces.
+    assert "[insecure] Patient file" in ctx._msg.get_all("Subject")
+    assert ctx._msg[ROUTE_HEADER] is None
+
+
+def test_quarantine_holds_with_reason(make_engine: Any) -> None:
+    settings = config.from_mapping({"policies": {"private": {"on_insecure": "quarantine"}}})
+    engine, _ = make_engine(settings)
+    rc, ctx = send(engine, settings, ["<a@plain.test>"], SENSITIVE)
+    assert rc == Milter.ACCEPT
+    assert ctx.quarantined and "plain.test" in ctx.quarantined
+
+
+def test_internal_error_fails_safe(make_engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, _ = make_engine(DEFAULT)
+
+    def broken(*_a: object, **_k: object) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr("tlsmilter.milter.decide", broken)
+    rc, ctx = send(engine, DEFAULT, ["<a@dane.test>"], SENSITIVE)
+    assert rc == Milter.TEMPFAIL and ctx._reply[:2] == ("451", "4.3.0")
+    rc, ctx = send(engine, DEFAULT, ["<a@dane.test>"], [("Subject", "ordinary")])
+    assert rc == Milter.ACCEPT and ctx._reply is None
+
+
+def test_prober_failure_means_unknown_not_accept(make_engine: Any) -> None:
+    settings = config.from_mapping({"milter": {"eom_wait": 1}})
+    engine, _ = make_engine(settings, warm=False)
+    rc, _ctx = send(engine, settings, ["<a@boom.test>"], SENSITIVE)
+    assert rc == Milter.TEMPFAIL
+
+
+def test_undecodable_header_value_gets_fail_safe_policy(make_engine: Any) -> None:
+    engine, _ = make_engine(DEFAULT)
+    rc, _ctx = send(engine, DEFAULT, ["<a@enc.test>"], [("X-Sensitivity", "geheim\udcff")])
+    # fail-safe policy "confidential" requires verified: an encrypted-only domain is refused
+    assert rc == Milter.REJECT

@@ -1,0 +1,94 @@
+"""decide() and sensitivity classification: pure, table-driven."""
+
+from __future__ import annotations
+
+import pytest
+
+from tlsmilter import config
+from tlsmilter.levels import Level
+from tlsmilter.milter import policies_from
+from tlsmilter.policy import Action, DomainStatus, Policy, decide
+from tlsmilter.sensitivity import classify
+
+E, V, D, N = Level.ENCRYPTED, Level.VERIFIED, Level.DANE, Level.NONE
+STRICT = Policy("strict", V, Action.REJECT, Action.TEMPFAIL, ("See https://portal.example",))
+SOFT = Policy("soft", E, Action.TAG, Action.QUARANTINE)
+
+
+def ds(domain: str, level: Level | None, why: str = "") -> DomainStatus:
+    return DomainStatus(domain, level, why)
+
+
+@pytest.mark.parametrize(
+    ("policy", "domains", "action", "codes", "failing"),
+    [
+        (STRICT, [ds("a.test", V), ds("b.test", D)], Action.ACCEPT, ("", ""), []),
+        (STRICT, [], Action.ACCEPT, ("", ""), []),
+        (STRICT, [ds("a.test", E)], Action.REJECT, ("550", "5.7.10"), ["a.test"]),
+        (STRICT, [ds("a.test", None)], Action.TEMPFAIL, ("451", "4.4.3"), ["a.test"]),
+        # one insecure and one unknown: the stricter action, both domains named
+        (STRICT, [ds("a.test", N), ds("b.test", None), ds("c.test", D)], Action.REJECT,
+         ("550", "5.7.10"), ["a.test", "b.test"]),
+        (SOFT, [ds("a.test", N)], Action.TAG, ("", ""), ["a.test"]),
+        (SOFT, [ds("a.test", None)], Action.QUARANTINE, ("", ""), ["a.test"]),
+        (SOFT, [ds("a.test", E)], Action.ACCEPT, ("", ""), []),
+        (Policy("t", D, Action.TEMPFAIL, Action.TEMPFAIL), [ds("a.test", V)], Action.TEMPFAIL,
+         ("450", "4.7.10"), ["a.test"]),
+    ],
+)
+def test_decide(policy: Policy, domains: list[DomainStatus], action: Action,
+                codes: tuple[str, str], failing: list[str]) -> None:
+    verdict = decide(policy, domains)
+    assert verdict.action is action
+    assert (verdict.smtp_code, verdict.enhanced_code) == codes
+    assert [d.domain for d in verdict.failing] == failing
+
+
+def test_reply_names_every_failing_domain_and_why() -> None:
+    verdict = decide(STRICT, [ds("a.test", N, "MX does not offer STARTTLS"),
+                              ds("b.test", None, "DNS lookup failed")], sensitivity="private")
+    text = "\n".join(verdict.reply)
+    assert "marked 'private'" in verdict.reply[0]
+    assert "a.test: cannot receive mail securely enough: MX does not offer STARTTLS" in text
+    assert "b.test: transport security not known yet: DNS lookup failed" in text
+    assert verdict.reply[-1] == "See https://portal.example"
+
+
+@pytest.mark.parametrize("action", [Action.REJECT, Action.TEMPFAIL])
+def test_monitor_mode_only_tags(action: Action) -> None:
+    policy = Policy("p", V, action, action)
+    verdict = decide(policy, [ds("a.test", N)], monitor=True)
+    assert verdict.action is Action.TAG
+    assert verdict.would_be is action
+    assert verdict.smtp_code == ""
+
+
+POLICIES = policies_from(config.Config())
+VALUES = config.Config().sensitivity.values
+WATCHED = ["X-Sensitivity", "Sensitivity"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "policy"),
+    [
+        ([], None),
+        ([("Subject", "private")], None),
+        ([("X-Sensitivity", "Personal")], "personal"),
+        ([("Sensitivity", "Company-Confidential")], "confidential"),
+        ([("sensitivity", "  PRIVATE ")], "private"),
+        ([("X-Sensitivity", "private (set by Outlook)")], "private"),
+        ([("X-Sensitivity", "normal")], None),
+        ([("X-Sensitivity", "")], None),
+        # unrecognised non-empty value: the fail-safe policy, never "not sensitive"
+        ([("X-Sensitivity", "secret-ish")], "confidential"),
+        ([("X-Sensitivity", "\u00fcberwichtig")], "confidential"),
+        # several headers: the strictest wins
+        ([("X-Sensitivity", "personal"), ("Sensitivity", "private")], "private"),
+        ([("Sensitivity", "private"), ("X-Sensitivity", "personal")], "private"),
+        ([("X-Sensitivity", "normal"), ("Sensitivity", "personal")], "personal"),
+    ],
+)
+def test_classify(headers: list[tuple[str, str]], policy: str | None) -> None:
+    chosen, _value = classify(headers, watched=WATCHED, values=VALUES,
+                              fail_safe="confidential", policies=POLICIES)
+    assert (chosen.name if chosen else None) == policy
