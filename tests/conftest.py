@@ -1,20 +1,49 @@
-"""Fixtures shared by the whole suite: the loopback lab and prober settings for it."""
+"""Fixtures shared by the whole suite: the loopback lab, and Postfix relaying into it."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.lab.lab import Lab
+from tests.lab.postfix import LabPostfix
 from tests.lab.scenarios import SCENARIOS
 
 
+def world_searchable_dir(prefix: str) -> Path:
+    """A fresh directory Postfix's unprivileged daemons can traverse (pytest's are 0700)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    return path
+
+
 @pytest.fixture(scope="session")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    """Every standing scenario, up for the whole session (about a second to start)."""
+def lab() -> Iterator[Lab]:
+    """Every standing scenario, up for the whole session (well under a second to start)."""
     if os.geteuid() != 0:
         pytest.fail("the lab needs root: SMTP servers bind port 25 and DNS port 53 on loopback")
-    with Lab(tmp_path_factory.mktemp("lab"), SCENARIOS) as running:
-        yield running
+    workdir = world_searchable_dir("tlsmilter-lab-")
+    try:
+        with Lab(workdir, SCENARIOS) as running:
+            yield running
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postfix(lab: Lab) -> Iterator[LabPostfix]:
+    """A private Postfix relaying to lab domains through the lab resolver, DNSSEC-aware."""
+    workdir = world_searchable_dir("tlsmilter-postfix-")
+    instance = LabPostfix(workdir, listen=lab.postfix_address, resolver=lab.dns.resolver[0],
+                          ca_file=lab.ca.ca_file)
+    try:
+        instance.start()
+        yield instance
+    finally:
+        instance.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,68 @@
+"""The composed lab: Postfix relays into lab domains, and tear-down leaves nothing behind."""
+
+from __future__ import annotations
+
+import shutil
+import smtplib
+import socket
+from email.message import EmailMessage
+
+import pytest
+
+from tests.conftest import world_searchable_dir
+from tests.lab.lab import Lab
+from tests.lab.model import MX, Domain, Smtp, Tls
+from tests.lab.postfix import LabPostfix, pid_alive
+
+pytestmark = pytest.mark.lab
+
+
+def message(to: str, subject: str) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = "sender@postfix.lab.invalid"
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg.set_content("lab test\n")
+    return msg
+
+
+def test_postfix_relays_to_a_lab_domain_over_tls(lab: Lab, postfix: LabPostfix) -> None:
+    server = lab.server("dnssec-ca")
+    before = len(server.messages)
+    with smtplib.SMTP(*postfix.submit, local_hostname="client.lab.invalid", timeout=10) as smtp:
+        smtp.send_message(message("alice@dnssec-ca.test", "relay over TLS"))
+    (received,) = server.wait_for_messages(before + 1, timeout=30)[before:]
+    assert received.rcpt_tos == ("alice@dnssec-ca.test",)
+    assert received.tls_version == "TLSv1.3"
+    assert b"Subject: relay over TLS" in received.data
+    # Postfix found the MX through the lab's validating resolver with DNSSEC on.
+    assert "mx1.dnssec-ca.test" in postfix.maillog()
+
+
+def test_postfix_relays_in_clear_to_a_plaintext_domain(lab: Lab, postfix: LabPostfix) -> None:
+    server = lab.server("plain")
+    before = len(server.messages)
+    with smtplib.SMTP(*postfix.submit, local_hostname="client.lab.invalid", timeout=10) as smtp:
+        smtp.send_message(message("bob@plain.test", "relay in clear"))
+    (received,) = server.wait_for_messages(before + 1, timeout=30)[before:]
+    assert received.tls_version is None
+
+
+def test_teardown_leaves_no_lab_process_or_listener() -> None:
+    workdir = world_searchable_dir("tlsmilter-teardown-")
+    scenarios = [Domain("only", mx=(MX("mx1", Smtp(Tls.TLS12)),))]
+    try:
+        with Lab(workdir, scenarios) as small:
+            instance = LabPostfix(workdir / "postfix", listen=small.postfix_address,
+                                  resolver=small.dns.resolver[0], ca_file=small.ca.ca_file)
+            instance.start()
+            pids = small.pids() + instance.pids()
+            listeners = [(s.address, s.port) for s in small.smtp.values()]
+            instance.stop()
+        assert pids and not [pid for pid in pids if pid_alive(pid)]
+        for address in listeners:
+            with socket.socket() as probe, pytest.raises(ConnectionRefusedError):
+                probe.settimeout(2)
+                probe.connect(address)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
