@@ -121,3 +121,13 @@ def test_extras_raise_the_score_within_a_level() -> None:
 
 def test_unknown_has_no_score() -> None:
     assert rate(facts(mx("a", address_error="timeout"))).score is None
+
+
+def test_every_reason_code_is_documented() -> None:
+    from pathlib import Path
+
+    from tlsmilter.assess.model import Code
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "check-json.md").read_text()
+    missing = [c.value for c in Code if f"`{c.value}`" not in doc]
+    assert not missing
