@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -10,6 +11,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import Milter
 
@@ -17,6 +19,7 @@ from tlsmilter import config
 from tlsmilter.engine import Engine
 from tlsmilter.errors import TlsmilterError
 from tlsmilter.milter import TlsMilter, policies_from
+from tlsmilter.policyserver import PolicyServer
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,27 @@ def _when_listening(path: Path | None, mode: int, stop: threading.Event) -> None
         sd_notify("READY=1")
 
 
+def _start_policy_server(engine: Engine, settings: config.PolicyServer) -> PolicyServer | None:
+    """The socketmap server shares the embedded cache, so it runs inside ``serve``."""
+    path = _unix_path(settings.socket)
+    if path is None:
+        return None
+
+    def lookup(domain: str) -> dict[str, Any] | None:
+        _state, entry = engine.cache.get(domain)
+        return entry.assessment if entry else None
+
+    server = PolicyServer(lookup, str(path), map_name=settings.map_name,
+                          mode=int(settings.socket_mode, 8))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        asyncio.run_coroutine_threadsafe(server.start(), engine.loop).result(10)
+    except (OSError, TlsmilterError) as exc:
+        engine.stop()
+        raise TlsmilterError(f"policy_server.socket {settings.socket}: {exc}") from None
+    return server
+
+
 def serve(settings: config.Config) -> int:
     """Run until SIGTERM/SIGINT (libmilter handles them and returns from its main loop)."""
     sock_path = _unix_path(settings.milter.socket)
@@ -65,6 +89,7 @@ def serve(settings: config.Config) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     engine = Engine(settings)
     engine.start()
+    policy_server = _start_policy_server(engine, settings.policy_server)
     policies = policies_from(settings)
     Milter.factory = lambda: TlsMilter(engine, settings, policies)
     Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE)
@@ -79,6 +104,9 @@ def serve(settings: config.Config) -> int:
     finally:
         stop.set()
         sd_notify("STOPPING=1")
+        if policy_server is not None:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(policy_server.stop(), engine.loop).result(10)
         engine.stop()
         if sock_path is not None:
             with contextlib.suppress(OSError):

@@ -1,0 +1,463 @@
+"""Postfix TLS policy server: a socketmap answering ``smtp_tls_policy_maps`` lookups.
+
+Postfix asks, per next-hop domain, which TLS security level to enforce at delivery::
+
+    smtp_tls_policy_maps = socketmap:unix:/run/tlsmilter/policy.sock:tlspolicy
+
+The protocol (socketmap_table(5)): each request is one netstring ``<name> <key>``, each
+reply one netstring ``OK <data>``, ``NOTFOUND ``, ``TEMP <reason>``, ``TIMEOUT <reason>`` or
+``PERM <reason>``; one connection carries many requests in turn. The answer comes from the
+cached assessment of the domain (``policy_for``); the server never probes by itself.
+
+``dane-only`` and ``verify`` rely on Postfix's own DNSSEC lookups: they need
+``smtp_dns_support_level = dnssec`` and a validating resolver, as DANE always does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import inspect
+import logging
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from tlsmilter.domains import InvalidDomain, normalize_domain
+from tlsmilter.errors import TlsmilterError
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 10_000  # Postfix sends "<name> <domain>": a few hundred bytes at most
+MAX_REPLY = 100_000  # Postfix's socketmap client refuses longer replies
+IDLE_TIMEOUT = 100.0  # Postfix closes idle connections after 10 s and any after 100 s
+READ_SIZE = 4096
+STOP_GRACE = 5.0  # seconds stop() lets a handler finish its lookup
+CLOSE_GRACE = 1.0  # seconds to flush the last replies of a closing connection
+DEFAULT_MODE = 0o666  # access control belongs to the socket's directory, see PolicyServer
+
+AssessmentJson = Mapping[str, Any]
+Lookup = Callable[[str], AssessmentJson | Awaitable[AssessmentJson | None] | None]
+
+
+class Answer(enum.Enum):
+    """What a lookup was answered with; values double as metric label values."""
+
+    DANE_ONLY = "dane-only"
+    SECURE = "secure"
+    VERIFY = "verify"
+    ENCRYPT = "encrypt"
+    NOTFOUND = "notfound"
+    TEMP = "temp"
+    PERM = "perm"
+
+
+# --- the decision: assessment -> Postfix TLS policy ------------------------------------------
+
+
+def policy_for(assessment: AssessmentJson | None) -> str | None:
+    """The ``smtp_tls_policy_maps`` value enforcing ``assessment``'s level, or None.
+
+    None (NOTFOUND) leaves Postfix's own default in force: for ``none`` and ``unknown``
+    there is nothing tlsmilter vouches for, and the milter never routes sensitive mail to
+    such a domain. The result is never weaker than the assessed level.
+    """
+    if not isinstance(assessment, Mapping):
+        return None
+    level = assessment.get("level")
+    if level == "dane":
+        return "dane-only"
+    if level == "encrypted":
+        return "encrypt"
+    if level != "verified":
+        return None
+    # SNI as the prober sent it: a server choosing its certificate by name must show
+    # Postfix the certificate the assessment checked.
+    if assessment.get("dnssec") is True:
+        # The MX RRset is DNSSEC-validated, so the MX host name Postfix looks up at delivery
+        # is as trustworthy as the one we assessed, and may even change in between.
+        return "verify match=hostname servername=hostname"
+    hosts = _sts_hosts(assessment) if assessment.get("mta_sts") == "enforce" else []
+    if hosts:
+        # MTA-STS alone: the MX lookup at delivery is forgeable, so the certificate must
+        # name an authenticated MX host. We pin the MX host names we assessed rather than
+        # translating the policy's patterns: Postfix's ".example.com" matches names at any
+        # depth where MTA-STS's "*.example.com" matches exactly one label, and the policy
+        # may cover hosts we never checked. The price: if the domain changes its MX set
+        # before the cached assessment expires, delivery to a new host defers until the
+        # next assessment; Postfix retries, nothing is lost.
+        return f"secure match={':'.join(hosts)} servername=hostname"
+    # "verified" with neither DNSSEC nor an enforced policy's MX hosts: an inconsistent
+    # assessment. Still demand verification (Postfix's default names for "secure") rather
+    # than enforce less than was claimed; at worst the mail defers.
+    return "secure match=nexthop:dot-nexthop servername=hostname"
+
+
+def _sts_hosts(assessment: AssessmentJson) -> list[str]:
+    """Names of the MX hosts the MTA-STS policy authenticated, normalised, in MX order."""
+    mx = assessment.get("mx")
+    hosts: list[str] = []
+    for entry in mx if isinstance(mx, list) else []:
+        if not isinstance(entry, Mapping) or "mta-sts" not in (entry.get("authenticated_by")
+                                                              or []):
+            continue
+        host = entry.get("host")
+        if not isinstance(host, str):
+            continue
+        try:
+            name = normalize_domain(host)  # also keeps ":" and spaces out of the policy
+        except InvalidDomain:
+            continue
+        if name not in hosts:
+            hosts.append(name)
+    return hosts
+
+
+def normalize_key(key: str) -> str | None:
+    """The domain a Postfix next-hop ``key`` names, or None when no assessment applies.
+
+    ``[host]`` and ``[host]:port`` skip the MX lookup and IP literals have no MX: neither
+    is what was assessed. ``domain:port`` applies only for port 25. A leading dot (a
+    parent-domain key, which socketmap clients do not send) never inherits a policy.
+    """
+    text = key.strip()
+    if not text or text.startswith(("[", ".")):
+        return None
+    if ":" in text:
+        text, _, port = text.rpartition(":")
+        if port not in ("25", "smtp"):
+            return None
+    try:
+        return normalize_domain(text)
+    except InvalidDomain:
+        return None
+
+
+# --- netstrings -----------------------------------------------------------------------------
+
+
+class NetstringError(TlsmilterError):
+    """Input that is not a netstring (or too long to be a request); carries the reason."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"malformed netstring: {reason}")
+
+
+def encode_netstring(data: bytes) -> bytes:
+    return b"%d:%s," % (len(data), data)
+
+
+class NetstringDecoder:
+    """Incremental netstring parser: ``feed`` bytes as they come, take frames one by one.
+
+    Strict on purpose: Postfix writes canonical netstrings, so anything else (leading
+    zeros, whitespace, a missing ``,``, a length over ``max_length``) is an error, found as
+    early as possible. Memory stays bounded by ``max_length`` plus one read.
+    """
+
+    def __init__(self, max_length: int = MAX_REQUEST) -> None:
+        self.max_length = max_length
+        self._max_digits = len(str(max_length))
+        self._buffer = bytearray()
+
+    @property
+    def pending(self) -> bool:
+        """True while part of a frame is buffered."""
+        return bool(self._buffer)
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def next_frame(self) -> bytes | None:
+        """The next complete payload, or None until more bytes arrive."""
+        buf = self._buffer
+        colon = buf.find(b":", 0, self._max_digits + 1)
+        if colon < 0:
+            head = bytes(buf[:self._max_digits + 1])
+            if not head.isdigit() and head:
+                raise NetstringError("length is not a decimal number")
+            if len(head) > self._max_digits:
+                raise NetstringError(f"length over {self.max_length}")
+            self._check_digits(head)
+            return None
+        digits = bytes(buf[:colon])
+        if not digits or not digits.isdigit():
+            raise NetstringError("length is not a decimal number")
+        self._check_digits(digits)
+        length = int(digits)
+        if length > self.max_length:
+            raise NetstringError(f"length {length} over {self.max_length}")
+        end = colon + 1 + length
+        if len(buf) <= end:
+            return None
+        if buf[end] != ord(","):
+            raise NetstringError("no ',' after the data")
+        payload = bytes(buf[colon + 1:end])
+        del buf[:end + 1]
+        return payload
+
+    @staticmethod
+    def _check_digits(digits: bytes) -> None:
+        if len(digits) > 1 and digits.startswith(b"0"):
+            raise NetstringError("length has a leading zero")
+
+
+# --- the server -----------------------------------------------------------------------------
+
+
+class PolicyServerError(TlsmilterError):
+    """The socket cannot be set up at ``path``."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"policy server socket {path}: {reason}")
+
+
+class PolicyServer:
+    """Socketmap server on a unix socket, answering from ``lookup(domain)``.
+
+    ``lookup`` gets a normalised domain and returns its cached assessment (the ``to_json``
+    dict) or None; it may be a coroutine function. It must not probe: Postfix waits.
+
+    The socket gets ``mode`` (default 0666: the map is read-only and holds public DNS
+    facts, and Postfix's smtp processes must be able to connect); restrict who may connect
+    through the socket's directory (e.g. ``/run/tlsmilter`` mode 0750, group postfix).
+    ``on_answer`` receives an ``Answer`` value per reply, for metrics.
+    """
+
+    def __init__(
+        self,
+        lookup: Lookup,
+        path: str,
+        *,
+        map_name: str = "tlspolicy",
+        mode: int = DEFAULT_MODE,
+        on_answer: Callable[[str], None] | None = None,
+        idle_timeout: float = IDLE_TIMEOUT,
+    ) -> None:
+        self.lookup = lookup
+        self.path = path
+        self.map_name = map_name
+        self.mode = mode
+        self.on_answer = on_answer
+        self.idle_timeout = idle_timeout
+        self._server: asyncio.Server | None = None
+        self._inode: tuple[int, int] | None = None
+        self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+        self._logged_errors: set[str] = set()
+
+    async def start(self) -> None:
+        """Listen on ``path``, replacing a stale socket left by a dead process."""
+        sock = _bind_atomically(Path(self.path), self.mode)
+        st = Path(self.path).stat()
+        self._inode = (st.st_dev, st.st_ino)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, sock=sock)
+        except BaseException:
+            sock.close()
+            self._unlink()
+            raise
+        log.info("policy server listening on %s (map %s)", self.path, self.map_name)
+
+    async def stop(self) -> None:
+        """Stop listening, close every connection and remove the socket file."""
+        if self._server is not None:
+            self._server.close()
+            # Closing a transport ends its handler's read with EOF; cancelling is for
+            # handlers stuck in a lookup, since 3.11's wait_for can swallow a cancellation.
+            for writer in self._connections.values():
+                writer.close()
+            pending = set(self._connections)
+            if pending:
+                _, pending = await asyncio.wait(pending, timeout=STOP_GRACE)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+            await self._server.wait_closed()
+            self._server = None
+        self._unlink()
+
+    def _unlink(self) -> None:
+        # Only our own socket: a newer server may already have replaced it.
+        try:
+            st = Path(self.path).stat()
+        except FileNotFoundError:
+            return
+        if (st.st_dev, st.st_ino) == self._inode:
+            Path(self.path).unlink(missing_ok=True)
+        self._inode = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections[task] = writer
+        try:
+            await self._converse(reader, writer)
+        except asyncio.CancelledError:
+            # Only stop() cancels, and only a stuck handler; asyncio's stream machinery
+            # would log a cancelled handler task as an error, so end it normally.
+            log.debug("policy client connection cancelled at shutdown")
+        except OSError as exc:
+            log.debug("policy client connection lost: %s", exc)
+        finally:
+            await _close(writer)
+            if task is not None:
+                self._connections.pop(task, None)
+
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = NetstringDecoder()
+        while True:
+            try:
+                async with asyncio.timeout(self.idle_timeout):
+                    data = await reader.read(READ_SIZE)
+            except TimeoutError:
+                log.debug("policy client idle for %ss: closing", self.idle_timeout)
+                return
+            if not data:
+                if decoder.pending:
+                    log.debug("policy client closed the connection mid-request")
+                return
+            decoder.feed(data)
+            replies, ok = await self._answer_frames(decoder)
+            writer.write(b"".join(replies))
+            try:
+                async with asyncio.timeout(self.idle_timeout):
+                    await writer.drain()
+            except TimeoutError:
+                log.debug("policy client reads no replies: closing")
+                return
+            if not ok:
+                return
+
+    async def _answer_frames(self, decoder: NetstringDecoder) -> tuple[list[bytes], bool]:
+        """Replies to every complete request; False once the input stopped making sense."""
+        replies = []
+        try:
+            while (payload := decoder.next_frame()) is not None:
+                replies.append(encode_netstring(await self._respond(payload)))
+        except NetstringError as exc:
+            # Framing is lost: nothing later on this connection can be trusted. Postfix
+            # reconnects for its next lookup.
+            log.warning("policy client sent a malformed request (%s): closing", exc.reason)
+            self._count(Answer.PERM)
+            replies.append(encode_netstring(b"PERM malformed request"))
+            return replies, False
+        return replies, True
+
+    async def _respond(self, payload: bytes) -> bytes:
+        name, space, raw_key = payload.partition(b" ")
+        if not space:
+            self._count(Answer.PERM)
+            return b"PERM malformed request"
+        if name != self.map_name.encode():
+            self._count(Answer.PERM)
+            shown = name[:64].decode("ascii", "backslashreplace")
+            return f"PERM unknown map {shown}".encode()
+        try:
+            key = raw_key.decode("utf-8")
+        except UnicodeDecodeError:
+            key = ""  # not UTF-8: names no domain we can have assessed
+        domain = normalize_key(key)
+        if domain is None:
+            log.debug("policy %r: NOTFOUND (not an assessable domain)", key)
+            self._count(Answer.NOTFOUND)
+            return b"NOTFOUND "
+        try:
+            found = self.lookup(domain)
+            assessment = await found if inspect.isawaitable(found) else found
+            policy = policy_for(assessment)
+        except Exception as exc:  # the cache's failure, never Postfix's problem to parse
+            self._log_error("lookup", exc)
+            self._count(Answer.TEMP)
+            return b"TEMP cache unavailable"
+        if policy is None:
+            log.debug("policy %s: NOTFOUND", domain)
+            self._count(Answer.NOTFOUND)
+            return b"NOTFOUND "
+        log.debug("policy %s: %s", domain, policy)
+        reply = f"OK {policy}".encode()
+        if len(reply) > MAX_REPLY:
+            log.warning("policy for %s is longer than Postfix accepts", domain)
+            self._count(Answer.PERM)
+            return b"PERM policy too long"
+        self._count(Answer(policy.split(" ", 1)[0]))
+        return reply
+
+    def _count(self, answer: Answer) -> None:
+        if self.on_answer is None:
+            return
+        try:
+            self.on_answer(answer.value)
+        except Exception as exc:  # metrics must never break the answers
+            self._log_error("on_answer", exc)
+
+    def _log_error(self, where: str, exc: Exception) -> None:
+        """Log the first error of each kind in full, repeats at debug: no log flood."""
+        kind = f"{where}:{type(exc).__qualname__}"
+        if kind in self._logged_errors:
+            log.debug("policy %s failed again: %s", where, exc)
+            return
+        self._logged_errors.add(kind)
+        log.error("policy %s failed (%s); further %s errors at debug level", where, exc,
+                  type(exc).__name__, exc_info=exc)
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    """Close gracefully, or abort when unsent replies would keep the socket open."""
+    writer.close()
+    try:
+        async with asyncio.timeout(CLOSE_GRACE):
+            await writer.wait_closed()
+    except (TimeoutError, OSError, asyncio.CancelledError):
+        writer.transport.abort()
+
+
+def _bind_atomically(path: Path, mode: int) -> socket.socket:
+    """A listening-ready socket at ``path`` with ``mode``, with no window without a socket.
+
+    Bound under a temporary name, given its mode, then renamed over ``path``: Postfix never
+    finds the socket missing or with the wrong mode, and a stale socket is replaced.
+    """
+    _refuse_live(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(tmp))
+        tmp.chmod(mode)
+        tmp.replace(path)
+    except OSError as exc:
+        sock.close()
+        tmp.unlink(missing_ok=True)
+        raise PolicyServerError(str(path), str(exc)) from exc
+    except BaseException:
+        sock.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return sock
+
+
+def _refuse_live(path: Path) -> None:
+    """Raise unless ``path`` is free or a socket nobody listens on (left by a dead process)."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise PolicyServerError(str(path), "exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            log.info("replacing stale socket %s", path)
+            return
+        except OSError as exc:
+            raise PolicyServerError(str(path), f"cannot tell whether it is in use: {exc}") from exc
+    raise PolicyServerError(str(path), "another server is listening on it")
