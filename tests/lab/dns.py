@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 import dns.dnssec
 import dns.exception
@@ -35,6 +34,7 @@ import dns.rdatatype
 import dns.rrset
 
 from tests.lab.model import Dnssec
+from tests.lab.service import LabError, Service
 
 # Short TTLs so that tests which change zones at runtime do not fight stale caches.
 TTL = 30
@@ -51,8 +51,6 @@ LOG_TAIL_LINES = 40
 KSK_FLAGS = 257
 
 
-class LabError(RuntimeError):
-    """The DNS lab could not be started or driven."""
 
 
 @dataclass
@@ -110,7 +108,7 @@ class _Daemon:
             self.proc.wait()
 
 
-class DnsLab:
+class DnsLab(Service):
     """Knot + Unbound for one lab TLD and its child zones, all files under ``workdir``."""
 
     def __init__(
@@ -155,17 +153,6 @@ class DnsLab:
         """PIDs of the servers started so far (still listed after :meth:`stop`)."""
         return [d.proc.pid for d in (self._knot, self._unbound) if d.proc is not None]
 
-    def __enter__(self) -> DnsLab:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def start(self) -> None:
         """Start both servers; return once Unbound validates the TLD SOA (AD set)."""

@@ -16,11 +16,11 @@ import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from types import TracebackType
 from typing import Any, cast
 
 from tests.lab.model import Cert
 from tests.lab.pki import LabCA
+from tests.lab.service import Service
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class _Server(HTTPServer):
             sock.close()
 
 
-class HttpsServer:
+class HttpsServer(Service):
     """An MTA-STS policy host on ``(address, port)`` presenting a ``cert`` certificate.
 
     ``response`` may be replaced at any time. With ``port=0`` the kernel picks one.
@@ -252,14 +252,3 @@ class HttpsServer:
             if thread.is_alive():
                 log.warning("%s: %s did not stop", self, thread.name)
 
-    def __enter__(self) -> HttpsServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -39,8 +39,9 @@ import stat
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
+
+from tests.lab.service import LabError, Service
 
 HOST_RESOLV_CONF = Path("/etc/resolv.conf")
 MYHOSTNAME = "postfix.lab.invalid"
@@ -79,8 +80,6 @@ MASTER_SERVICES = (
 )
 
 
-class LabError(RuntimeError):
-    """A lab component could not be set up, or misbehaved."""
 
 
 def pid_alive(pid: int) -> bool:
@@ -101,7 +100,7 @@ def _tail(text: str, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-class LabPostfix:
+class LabPostfix(Service):
     """A Postfix instance listening on one loopback address, relaying to the lab's DNS.
 
     ``resolver`` is the address of the DNS resolver (port 53) the instance uses. None means no
@@ -367,17 +366,6 @@ class LabPostfix:
             time.sleep(0.05)
         return True
 
-    def __enter__(self) -> LabPostfix:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- inspection --------------------------------------------------------------------
 

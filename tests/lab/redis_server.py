@@ -13,9 +13,8 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
 
-from tests.lab.postfix import LabError
+from tests.lab.service import LabError, Service
 
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
@@ -29,7 +28,7 @@ def free_port(host: str) -> int:
         return port
 
 
-class LabRedis:
+class LabRedis(Service):
     """A ``redis-server`` on ``host:port`` with its files under ``workdir``.
 
     ``port`` None picks a free port once, at construction; ``restart()`` keeps it.
@@ -131,14 +130,3 @@ class LabRedis:
         self.stop()
         self.start()
 
-    def __enter__(self) -> LabRedis:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

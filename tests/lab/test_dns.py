@@ -17,8 +17,9 @@ import dns.rdataclass
 import dns.rdatatype
 import pytest
 
-from tests.lab.dns import DnsLab, LabError, Zone
+from tests.lab.dns import DnsLab, Zone
 from tests.lab.model import Dnssec
+from tests.lab.service import LabError
 
 pytestmark = pytest.mark.lab
 

@@ -33,8 +33,9 @@ import dns.rrset
 import pytest
 import redis
 
-from tests.lab.postfix import LabError, LabPostfix, pid_alive
+from tests.lab.postfix import LabPostfix, pid_alive
 from tests.lab.redis_server import LabRedis
+from tests.lab.service import LabError
 
 pytestmark = [
     pytest.mark.lab,
