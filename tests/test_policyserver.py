@@ -17,13 +17,11 @@ from typing import Any
 import pytest
 
 from tlsmilter.assess.model import Assessment, MtaStsFacts, MxFacts
+from tlsmilter.netstring import NetstringDecoder, NetstringError, encode_netstring
 from tlsmilter.policyserver import (
     MAX_REPLY,
-    NetstringDecoder,
-    NetstringError,
     PolicyServer,
     PolicyServerError,
-    encode_netstring,
     normalize_key,
     policy_for,
 )
