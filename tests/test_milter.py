@@ -165,9 +165,11 @@ def test_local_and_skipped_recipients_are_not_checked(make_engine: Any) -> None:
     engine, prober = make_engine(settings, warm=False)
     rc, _ = send(engine, settings, ["<x@unassessed.test>"], SENSITIVE, mailer="local")
     assert rc == Milter.ACCEPT
-    rc, _ = send(engine, settings, ["<x@plain.test>", "<postmaster>"], SENSITIVE)
+    rc, ctx = send(engine, settings, ["<x@plain.test>", "<postmaster>"], SENSITIVE)
     assert rc == Milter.ACCEPT
     assert prober.calls == []
+    # nothing leaves this server: no route header, or FILTER would send local mail out
+    assert ctx._msg[ROUTE_HEADER] is None
 
 
 @pytest.mark.parametrize("rcpt", ["<user@[192.0.2.1]>", "<user@bad..domain>",

@@ -223,7 +223,10 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         if verdict.action is Action.ACCEPT:
             for index in reversed(self.msg.tls_required_no):
                 self.chgheader(TLS_REQUIRED, index, "")  # RFC 8689 must not relax our TLS
-            self.addheader(ROUTE_HEADER, verdict.policy.require.value)
+            if statuses:
+                # FILTER moves every recipient to the secure transport, local ones too: only
+                # route when some recipient actually leaves this server.
+                self.addheader(ROUTE_HEADER, verdict.policy.require.value)
         elif verdict.action is Action.TAG:
             failing = ", ".join(d.domain for d in verdict.failing)
             would = f" (would {verdict.would_be.value})" if verdict.would_be else ""

@@ -1,0 +1,261 @@
+"""End to end: the lab's real Postfix, ``tlsmilter serve`` as a process, mail sent with smtplib.
+
+Postfix is configured from the files in contrib/postfix (paths substituted), so these tests also
+prove that the shipped snippets work.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import smtplib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import world_searchable_dir
+from tests.lab.lab import Lab
+from tests.lab.model import Smtp, Tls
+from tests.lab.postfix import LabPostfix
+
+pytestmark = pytest.mark.lab
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTRIB = ROOT / "contrib" / "postfix"
+
+
+class Milter:
+    """``tlsmilter serve`` in a subprocess, stoppable and restartable."""
+
+    def __init__(self, sockets: Path, workdir: Path, lab: Lab) -> None:
+        self.workdir = workdir
+        self.socket = sockets / "milter.sock"
+        self.policy_socket = sockets / "policy.sock"
+        self.config = workdir / "tlsmilter.toml"
+        self.log = workdir / "tlsmilter.log"
+        self.config.write_text(f"""
+[milter]
+socket = "unix:{self.socket}"
+socket_mode = "0666"
+eom_wait = 1.0
+[policy_server]
+socket = "unix:{self.policy_socket}"
+[prober]
+resolver = "{lab.resolver}"
+ca_file = "{lab.ca.ca_file}"
+ehlo_name = "prober.lab.invalid"
+[prober.timeouts]
+connect = 3.0
+smtp = 3.0
+tls = 3.0
+https = 3.0
+domain = 10.0
+[log]
+level = "debug"
+""")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tlsmilter.cli", "--config", str(self.config), "serve"],
+                stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while not (self.socket.exists() and self.policy_socket.exists()):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"tlsmilter serve did not start:\n{self.log.read_text()}")
+            time.sleep(0.05)
+        time.sleep(0.1)  # the socket mode is fixed right after libmilter creates the file
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            assert self.process.returncode == 0, self.log.read_text()[-2000:]
+        self.process = None
+
+    def decisions(self) -> list[str]:
+        return [line for line in self.log.read_text().splitlines() if " decision " in line]
+
+
+def contrib_main(header_checks: Path) -> dict[str, str]:
+    """main.cf settings from contrib/postfix/main.cf.snippet, as shipped but for two paths."""
+    settings: dict[str, str] = {}
+    for line in (CONTRIB / "main.cf.snippet").read_text().splitlines():
+        if not line.strip() or line[0].isspace() or line.startswith("#") or "=" not in line:
+            continue
+        name, _, value = (part.strip() for part in line.partition("="))
+        settings[name] = value.replace("/etc/postfix/tlsmilter_header_checks",
+                                       str(header_checks))
+    # The lab relays with its own CA (LabPostfix sets it); the system bundle does not apply.
+    settings.pop("smtp_tls_CAfile", None)
+    settings.pop("smtp_tls_CApath", None)
+    return settings
+
+
+def contrib_master() -> list[str]:
+    lines = (CONTRIB / "master.cf.snippet").read_text().splitlines()
+    return [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+@pytest.fixture(scope="module")
+def stack(lab: Lab) -> Iterator[tuple[LabPostfix, Milter]]:
+    workdir = world_searchable_dir("tlsmilter-e2e-")
+    header_checks = workdir / "tlsmilter_header_checks"
+    shutil.copy(CONTRIB / "tlsmilter_header_checks", header_checks)
+    postfix = LabPostfix(workdir / "postfix", listen=f"{lab.base}.0.4",
+                         resolver=lab.dns.resolver[0], ca_file=lab.ca.ca_file,
+                         extra_main=contrib_main(header_checks),
+                         extra_master=contrib_master())
+    # The snippets name the sockets relative to Postfix's queue directory (chroot-safe), as
+    # docs/postfix.md sets them up: tlsmilter listens in <queue_directory>/tlsmilter/.
+    sockets = postfix.queue_dir / "tlsmilter"
+    sockets.mkdir(parents=True, mode=0o755)
+    milter = Milter(sockets, workdir, lab)
+    try:
+        milter.start()
+        postfix.start()
+        yield postfix, milter
+    finally:
+        postfix.stop()
+        milter.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def message(to: str, subject: str, sensitivity: str | None = "private",
+            extra: dict[str, str] | None = None) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = "sender@postfix.lab.invalid"
+    msg["To"] = to
+    msg["Subject"] = subject
+    if sensitivity:
+        msg["X-Sensitivity"] = sensitivity
+    for name, value in (extra or {}).items():
+        msg[name] = value
+    msg.set_content("lab test body\n")
+    return msg
+
+
+def wait_log(postfix: LabPostfix, pattern: str, timeout: float = 30) -> str:
+    """The maillog once ``pattern`` appears in it; Postfix logs a delivery after it happens."""
+    compiled = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    while not compiled.search(log := postfix.maillog()):
+        assert time.monotonic() < deadline, f"{pattern!r} not logged:\n{log[-3000:]}"
+        time.sleep(0.2)
+    return log
+
+
+def send(postfix: LabPostfix, msg: EmailMessage) -> None:
+    with smtplib.SMTP(*postfix.submit, local_hostname="client.lab.invalid", timeout=30) as smtp:
+        smtp.send_message(msg)
+
+
+def test_sensitive_mail_to_a_secure_domain_is_delivered_over_tls(
+        lab: Lab, stack: tuple[LabPostfix, Milter]) -> None:
+    postfix, _milter = stack
+    server = lab.server("dnssec-ca")
+    before = len(server.messages)
+    send(postfix, message("alice@dnssec-ca.test", "secure one", "private",
+                          {"TLS-Required": "No", "X-TLSMilter-Route": "forged"}))
+    (received,) = server.wait_for_messages(before + 1, timeout=30)[before:]
+    assert received.tls_version == "TLSv1.3"
+    data = received.data.decode()
+    assert "X-TLSMilter-Assessment: policy=private; require=verified; verdict=accept; " \
+           "dnssec-ca.test=verified" in data
+    assert "X-TLSMilter-Route: verified" in data and "forged" not in data
+    assert "TLS-Required" not in data  # RFC 8689 must not relax the enforced TLS
+    # Delivered by the enforcing transport, with the policy server's per-domain level.
+    log = wait_log(postfix, r"postfix/tlsmilter-secure/smtp\[\d+\]: .*"
+                            r"to=<alice@dnssec-ca\.test>.*status=sent")
+    assert re.search(r"Verified TLS connection established to mx1\.dnssec-ca\.test", log)
+
+
+def test_sensitive_mail_to_a_weaker_domain_is_refused_at_smtp_time(
+        stack: tuple[LabPostfix, Milter]) -> None:
+    postfix, milter = stack
+    queued = len(postfix.queue())
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        send(postfix, message("bob@plain.test", "not over plaintext", "personal"))
+    assert refused.value.smtp_code == 550
+    text = refused.value.smtp_error.decode()
+    assert text.startswith("5.7.10 ")
+    assert "plain.test: cannot receive mail securely enough: MX does not offer STARTTLS" in text
+    assert len(postfix.queue()) == queued
+    assert any("verdict=reject" in d and "failing=plain.test" in d for d in milter.decisions())
+
+
+def test_unknown_domain_is_tempfailed_then_accepted_on_retry(
+        lab: Lab, stack: tuple[LabPostfix, Milter]) -> None:
+    postfix, _milter = stack
+    # mx2 hangs: the probe takes the SMTP timeout (3 s), longer than eom_wait (1 s).
+    with pytest.raises(smtplib.SMTPDataError) as first:
+        send(postfix, message("carol@hang-second.test", "first try"))
+    assert first.value.smtp_code == 451
+    assert first.value.smtp_error.decode().startswith("4.4.3 ")
+    server = lab.server("hang-second")
+    before = len(server.messages)
+    deadline = time.monotonic() + 20
+    while True:  # a sending MTA retries; so do we, until the prober has filled the cache
+        try:
+            send(postfix, message("carol@hang-second.test", "retry"))
+            break
+        except smtplib.SMTPDataError as exc:
+            assert exc.smtp_code == 451
+            assert time.monotonic() < deadline, "still tempfailed after the probe budget"
+            time.sleep(1)
+    (received,) = server.wait_for_messages(before + 1, timeout=30)[before:]
+    assert received.tls_version == "TLSv1.3"
+
+
+def test_normal_mail_to_a_plaintext_domain_is_delivered_unchanged(
+        lab: Lab, stack: tuple[LabPostfix, Milter]) -> None:
+    postfix, _milter = stack
+    server = lab.server("plain")
+    before = len(server.messages)
+    send(postfix, message("dave@plain.test", "ordinary mail", sensitivity=None))
+    (received,) = server.wait_for_messages(before + 1, timeout=30)[before:]
+    assert received.tls_version is None
+    assert b"X-TLSMilter" not in received.data
+    assert b"Subject: ordinary mail" in received.data
+
+
+def test_domain_that_degrades_after_acceptance_is_never_sent_in_clear(
+        lab: Lab, stack: tuple[LabPostfix, Milter]) -> None:
+    postfix, _milter = stack
+    server = lab.server("degrades")
+    before = len(server.messages)
+    postfix.postconf(defer_transports="tlsmilter-secure")  # hold delivery after acceptance
+    try:
+        send(postfix, message("erin@degrades.test", "then STARTTLS vanishes", "personal"))
+        server.behaviour = Smtp(Tls.NONE)  # an attacker strips STARTTLS
+    finally:
+        postfix.postconf(defer_transports="")
+    postfix.flush()
+    wait_log(postfix, r"to=<erin@degrades\.test>.*status=deferred.*TLS is required")
+    assert len(server.messages) == before  # never delivered in clear
+    assert any("erin@degrades.test" in str(entry) for entry in postfix.queue())
+
+
+def test_with_the_milter_stopped_postfix_tempfails_as_documented(
+        stack: tuple[LabPostfix, Milter]) -> None:
+    postfix, milter = stack
+    documented = re.search(r"^smtpd_milters\s*=.*default_action=(\w+)",
+                           (CONTRIB / "main.cf.snippet").read_text(), re.MULTILINE)
+    assert documented and documented.group(1) == "tempfail"
+    milter.stop()
+    try:
+        with pytest.raises(smtplib.SMTPResponseException) as refused:
+            send(postfix, message("frank@dnssec-ca.test", "milter down", sensitivity=None))
+        assert refused.value.smtp_code == 451
+    finally:
+        milter.start()
