@@ -11,16 +11,21 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
+import logging
 import ssl
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509 import DNSName
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from tlsmilter.assess.model import Code, DaneStatus
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,19 @@ class PkixResult:
 def load_store(ca_file: str | None) -> Store:
     """Trust anchors: the configured CA file, else the system bundle."""
     path = Path(ca_file) if ca_file else _system_bundle()
-    certs = x509.load_pem_x509_certificates(path.read_bytes())
+    certs = []
+    end = b"-----END CERTIFICATE-----"
+    for block in path.read_bytes().split(end)[:-1]:
+        # One at a time: system bundles carry the odd certificate cryptography warns about
+        # (e.g. a non-positive serial) or will refuse; it must not take the others with it.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            try:
+                certs.append(x509.load_pem_x509_certificate(block + end))
+            except ValueError as exc:
+                log.warning("%s: skipping a certificate that does not parse: %s", path, exc)
+    if not certs:
+        raise ValueError(f"{path}: no certificates")
     return Store(certs)
 
 
