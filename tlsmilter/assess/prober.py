@@ -50,7 +50,8 @@ class Prober:
         self.ehlo_name = settings.ehlo_name or socket.getfqdn()
         self.smtp_port = smtp_port
         self.https_port = https_port
-        self._ip_locks: dict[str, asyncio.Lock] = {}
+        # address -> (lock, probes holding or waiting for it); dropped when the count is 0
+        self._ip_locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._domain_slots = asyncio.Semaphore(settings.concurrency)
 
     async def assess_many(self, domains: Iterable[str]) -> list[Assessment]:
@@ -197,7 +198,10 @@ class Prober:
     async def _probe(self, address: str, host: str, names: list[str], tlsa: list[certs.Tlsa],
                      tlsa_secure: bool, now: dt.datetime) -> AddressProbe:
         timeouts = self.settings.timeouts
-        lock = self._ip_locks.setdefault(address, asyncio.Lock())
+        # Counted, not lock.locked(): a released lock reads unlocked before its woken waiter
+        # runs, and dropping it then would let a newcomer probe the same address alongside.
+        lock, users = self._ip_locks.get(address) or (asyncio.Lock(), 0)
+        self._ip_locks[address] = (lock, users + 1)
         try:
             async with lock:
                 probe, chain = await probe_address(
@@ -205,8 +209,11 @@ class Prober:
                     connect_timeout=timeouts.connect, smtp_timeout=timeouts.smtp,
                     tls_timeout=timeouts.tls)
         finally:
-            if not lock.locked() and self._ip_locks.get(address) is lock:
+            lock, users = self._ip_locks[address]
+            if users == 1:
                 del self._ip_locks[address]  # keep the table as small as the work in flight
+            else:
+                self._ip_locks[address] = (lock, users - 1)
         if probe.tls_version is not None:
             self._judge_chain(probe, chain, names, tlsa, tlsa_secure, now)
         return probe
