@@ -131,3 +131,20 @@ def test_every_reason_code_is_documented() -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "check-json.md").read_text()
     missing = [c.value for c in Code if f"`{c.value}`" not in doc]
     assert not missing
+
+
+@pytest.mark.parametrize(
+    ("tlsa_b", "safe"),
+    [(["3 1 1 aa", "3 1 1 bb"], True), (["2 0 1 aa"], True), (["3 1 1 aa"], False), ([], False)],
+)
+def test_rollover_reason_and_score_agree(tlsa_b: list[str], safe: bool) -> None:
+    from tlsmilter.assess.rating import domain_reasons
+
+    a = mx("a", probe(dane=DaneStatus.MATCH), tlsa_secure=True, tlsa=["3 1 1 aa", "3 1 1 bb"])
+    b = mx("b", probe(address="192.0.2.2", dane=DaneStatus.MATCH), tlsa_secure=bool(tlsa_b),
+           tlsa=tlsa_b)
+    domain = facts(a, b, dnssec=True)
+    codes = {r.code for r in domain_reasons(domain)}
+    assert (Code.TLSA_ROLLOVER_SAFE in codes) is safe
+    if tlsa_b:  # without TLSA on b the domain is not dane; the score band differs
+        assert rate(domain).score == (75 + 8 + (5 if safe else 0))

@@ -177,11 +177,11 @@ def score(level: Level, facts: DomainFacts) -> int:
     """A number inside the level's band, rewarding extras beyond what the level needs."""
     low, high = SCORE_BANDS[level]
     probes = [p for mx in facts.mx for p in mx.probes]
-    tls13 = bool(probes) and all(p.tls_version == "TLSv1.3" for p in probes)
+    tls13 = _tls13_everywhere(facts)
     starttls_somewhere = any(p.starttls for p in probes)
     pkix_everywhere = bool(probes) and all(p.pkix_valid for p in probes)
     enforce = facts.sts_mode == "enforce"
-    rollover = all(_rollover_safe(mx) for mx in facts.mx) and bool(facts.mx)
+    rollover = _tlsa_rollover_safe(facts)
     extras = {
         Level.NONE: [(starttls_somewhere, 10), (facts.dnssec, 6), (facts.tlsrpt, 4)],
         Level.ENCRYPTED: [(tls13, 8), (pkix_everywhere, 6), (facts.tlsrpt, 6),
@@ -193,19 +193,25 @@ def score(level: Level, facts: DomainFacts) -> int:
     return min(high, low + sum(points for present, points in extras if present))
 
 
-def _rollover_safe(mx: MxFacts) -> bool:
-    """Two or more TLSA records, or a DANE-TA record, survive a key change without an outage."""
-    return len(mx.tlsa) >= 2 or any(t.startswith("2 ") for t in mx.tlsa)
+def _tls13_everywhere(facts: DomainFacts) -> bool:
+    probes = [p for mx in facts.mx for p in mx.probes]
+    return bool(probes) and all(p.tls_version == "TLSv1.3" for p in probes)
+
+
+def _tlsa_rollover_safe(facts: DomainFacts) -> bool:
+    """Every MX has validated TLSA records that survive a key change without an outage:
+    two or more records, or a DANE-TA one."""
+    return bool(facts.mx) and all(
+        mx.tlsa_secure and (len(mx.tlsa) >= 2 or any(t.startswith("2 ") for t in mx.tlsa))
+        for mx in facts.mx)
 
 
 def domain_reasons(facts: DomainFacts) -> list[Reason]:
-    """Domain-wide extras, for the report."""
+    """Domain-wide extras, for the report; the same facts ``score`` rewards."""
     out = []
-    probes = [p for mx in facts.mx for p in mx.probes]
-    if probes and all(p.tls_version == "TLSv1.3" for p in probes):
+    if _tls13_everywhere(facts):
         out.append(reason(Code.TLS13_EVERYWHERE))
-    if facts.mx and all(_rollover_safe(mx) for mx in facts.mx if mx.tlsa) and \
-            any(mx.tlsa_secure for mx in facts.mx):
+    if _tlsa_rollover_safe(facts):
         out.append(reason(Code.TLSA_ROLLOVER_SAFE))
     return out
 
