@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import world_searchable_dir
+from tests.lab import mail
 from tests.lab.lab import Lab
 from tests.lab.model import Smtp, Tls
 from tests.lab.postfix import LabPostfix
@@ -133,16 +134,9 @@ def stack(lab: Lab) -> Iterator[tuple[LabPostfix, Milter]]:
 
 def message(to: str, subject: str, sensitivity: str | None = "private",
             extra: dict[str, str] | None = None) -> EmailMessage:
-    msg = EmailMessage()
-    msg["From"] = "sender@postfix.lab.invalid"
-    msg["To"] = to
-    msg["Subject"] = subject
-    if sensitivity:
-        msg["X-Sensitivity"] = sensitivity
-    for name, value in (extra or {}).items():
-        msg[name] = value
-    msg.set_content("lab test body\n")
-    return msg
+    """A test message, marked ``X-Sensitivity: <sensitivity>`` unless that is None."""
+    marked = {"X-Sensitivity": sensitivity} if sensitivity else {}
+    return mail.message(to, subject, {**marked, **(extra or {})})
 
 
 def wait_log(postfix: LabPostfix, pattern: str, timeout: float = 30) -> str:
@@ -156,8 +150,7 @@ def wait_log(postfix: LabPostfix, pattern: str, timeout: float = 30) -> str:
 
 
 def send(postfix: LabPostfix, msg: EmailMessage) -> None:
-    with smtplib.SMTP(*postfix.submit, local_hostname="client.lab.invalid", timeout=30) as smtp:
-        smtp.send_message(msg)
+    mail.submit(postfix.submit, msg)
 
 
 def test_sensitive_mail_to_a_secure_domain_is_delivered_over_tls(

@@ -3,34 +3,23 @@
 from __future__ import annotations
 
 import shutil
-import smtplib
 import socket
-from email.message import EmailMessage
 
 import pytest
 
 from tests.conftest import world_searchable_dir
 from tests.lab.lab import Lab
+from tests.lab.mail import message, submit
 from tests.lab.model import MX, Domain, Smtp, Tls
 from tests.lab.postfix import LabPostfix, pid_alive
 
 pytestmark = pytest.mark.lab
 
 
-def message(to: str, subject: str) -> EmailMessage:
-    msg = EmailMessage()
-    msg["From"] = "sender@postfix.lab.invalid"
-    msg["To"] = to
-    msg["Subject"] = subject
-    msg.set_content("lab test\n")
-    return msg
-
-
 def test_postfix_relays_to_a_lab_domain_over_tls(lab: Lab, postfix: LabPostfix) -> None:
     server = lab.server("dnssec-ca")
     before = len(server.messages)
-    with smtplib.SMTP(*postfix.submit, local_hostname="client.lab.invalid", timeout=10) as smtp:
-        smtp.send_message(message("alice@dnssec-ca.test", "relay over TLS"))
+    submit(postfix.submit, message("alice@dnssec-ca.test", "relay over TLS"))
     (received,) = server.wait_for_messages(before + 1, timeout=30)[before:]
     assert received.rcpt_tos == ("alice@dnssec-ca.test",)
     assert received.tls_version == "TLSv1.3"
@@ -42,8 +31,7 @@ def test_postfix_relays_to_a_lab_domain_over_tls(lab: Lab, postfix: LabPostfix) 
 def test_postfix_relays_in_clear_to_a_plaintext_domain(lab: Lab, postfix: LabPostfix) -> None:
     server = lab.server("plain")
     before = len(server.messages)
-    with smtplib.SMTP(*postfix.submit, local_hostname="client.lab.invalid", timeout=10) as smtp:
-        smtp.send_message(message("bob@plain.test", "relay in clear"))
+    submit(postfix.submit, message("bob@plain.test", "relay in clear"))
     (received,) = server.wait_for_messages(before + 1, timeout=30)[before:]
     assert received.tls_version is None
 
