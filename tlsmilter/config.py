@@ -249,12 +249,22 @@ class Sensitivity:
                                  "`values`: a typo never makes sensitive mail ordinary.")
 
 
+class CacheBackend(enum.Enum):
+    MEMORY = "memory"
+    REDIS = "redis"
+
+
 @dataclass(frozen=True)
 class Cache:
-    """The embedded in-process assessment cache."""
+    """Where assessments are kept, and for how long."""
 
-    max_entries: int = _opt(100_000, "Domains kept; the least recently used go first.",
-                            _positive)
+    backend: CacheBackend = _opt(
+        CacheBackend.MEMORY,
+        '`"memory"`: in-process, for one MTA, nothing else to run. `"redis"`: shared by '
+        "every milter, worker and policy server pointed at the same Redis (see `[redis]`).",
+    )
+    max_entries: int = _opt(100_000, "Domains kept by the memory backend; the least recently "
+                            "used go first.", _positive)
     ttl: float = _opt(21600.0, "Seconds an `encrypted`, `verified` or `dane` result stays "
                       "fresh.", _positive)
     ttl_none: float = _opt(3600.0, "Seconds a `none` result stays fresh.", _positive)
@@ -262,6 +272,93 @@ class Cache:
                               "stale).", _positive)
     stale_max: float = _opt(86400.0, "Seconds past expiry a result may still be served while "
                             "it is re-assessed.", _positive)
+    refresh_before: float = _opt(
+        600.0,
+        "A lookup of a result due to expire within this many seconds re-assesses it in the "
+        "background, so domains in use are refreshed before they expire.",
+        lambda v: None if v >= 0 else "must be 0 or more",
+    )
+
+
+def _redis_url(value: str) -> str | None:
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("redis", "rediss", "unix") or not rest:
+        return "expected redis://HOST[:PORT][/DB], rediss://... (TLS) or unix:///PATH"
+    return None
+
+
+def check_listen(value: str) -> str | None:
+    """Why ``value`` is not a usable ``HOST:PORT`` listen address (empty: off), or None."""
+    if not value:
+        return None
+    try:
+        _host, port = parse_host_port(value, default_port=0)
+    except ValueError as exc:
+        return str(exc)
+    return None if port else "expected HOST:PORT ([ADDRESS]:PORT for IPv6)"
+
+
+@dataclass(frozen=True)
+class Redis:
+    """The shared Redis used by `cache.backend = "redis"`: assessments and the probe queue."""
+
+    url: str = _opt(
+        "redis://127.0.0.1:6379/0",
+        "`redis://[:PASSWORD@]HOST[:PORT][/DB]`, `rediss://...` for TLS, or "
+        "`unix:///PATH[?db=N]`. The password is never logged.",
+        _redis_url,
+    )
+    sentinels: list[str] = _opt(
+        [],
+        'Redis Sentinel addresses as `"HOST:PORT"`. When set, the master named '
+        "`sentinel_service` is found through them, and `url` only gives the password, "
+        "database and TLS.",
+    )
+    sentinel_service: str = _opt("mymaster", "The Sentinel service (master) name.")
+    prefix: str = _opt("tlsmilter:", "Prefix of every key, so several installations can "
+                       "share one Redis.", lambda v: None if v else "must not be empty")
+    timeout: float = _opt(
+        1.0,
+        "Seconds for connecting and for each command. Past it Redis counts as down: normal "
+        "mail passes, sensitive mail is tempfailed, and tlsmilter reconnects by itself.",
+        _positive,
+    )
+
+
+@dataclass(frozen=True)
+class Worker:
+    """`tlsmilter worker`: probe workers sharing the Redis probe queue."""
+
+    queue_max: int = _opt(
+        10_000,
+        "Most domains waiting in the probe queue. Requests beyond it are dropped and "
+        "counted; the domain is asked for again at its next lookup.",
+        _positive,
+    )
+    claim_after: float = _opt(
+        120.0,
+        "Seconds a taken probe may stay unfinished before another worker takes it over (its "
+        "worker died). Must exceed `prober.timeouts.domain`.",
+        _positive,
+    )
+    fleet_concurrency: int = _opt(
+        100, "Probes running at the same time across all workers (each worker also keeps to "
+        "`prober.concurrency`).", _positive)
+    metrics_listen: str = _opt(
+        "127.0.0.1:9465", "Where `worker` serves /metrics as `HOST:PORT`; empty: none. With "
+        "several workers on one host, give each its own with `--metrics-listen`.", check_listen)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Prometheus metrics of `serve`."""
+
+    listen: str = _opt(
+        "127.0.0.1:9464",
+        "Where `serve` serves /metrics as `HOST:PORT`; empty: no listener. Loopback by "
+        "default: expose it further only on purpose.",
+        check_listen,
+    )
 
 
 @dataclass(frozen=True)
@@ -273,6 +370,9 @@ class PolicyServer:
     map_name: str = _opt("tlspolicy", "The socketmap name Postfix asks for.")
     socket_mode: str = _opt("0666", "File mode of the socket (Postfix's smtp client must reach "
                             "it).", _mode)
+    metrics_listen: str = _opt(
+        "127.0.0.1:9466", "Where the standalone `policy-server` serves /metrics as "
+        "`HOST:PORT`; empty: none. Inside `serve` it shares `metrics.listen`.", check_listen)
 
 
 @dataclass(frozen=True)
@@ -285,6 +385,9 @@ class Config:
     prober: Prober = field(default_factory=Prober)
     cache: Cache = field(default_factory=Cache)
     policy_server: PolicyServer = field(default_factory=PolicyServer)
+    redis: Redis = field(default_factory=Redis)
+    worker: Worker = field(default_factory=Worker)
+    metrics: Metrics = field(default_factory=Metrics)
     log: Log = field(default_factory=Log)
 
 
@@ -335,6 +438,14 @@ def _cross_check(config: Config) -> list[ConfigIssue]:
     if config.sensitivity.fail_safe_policy not in config.policies:
         issues.append(ConfigIssue("sensitivity.fail_safe_policy",
                                   f"no policy named {config.sensitivity.fail_safe_policy!r}"))
+    for i, address in enumerate(config.redis.sentinels):
+        problem = check_listen(address) if address else "must not be empty"
+        if problem:
+            issues.append(ConfigIssue(f"redis.sentinels[{i}]", problem))
+    if config.worker.claim_after <= config.prober.timeouts.domain:
+        issues.append(ConfigIssue("worker.claim_after", "must exceed prober.timeouts.domain "
+                                  f"({config.prober.timeouts.domain:g}), or a slow probe is "
+                                  "taken over while it still runs"))
     if not config.sensitivity.headers:
         issues.append(ConfigIssue("sensitivity.headers", "at least one header is needed"))
     return issues
