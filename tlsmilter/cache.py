@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tlsmilter import config
+from tlsmilter import config, metrics
 from tlsmilter.levels import UNKNOWN
 
 
@@ -38,7 +38,16 @@ class Entry:
         return str(self.assessment.get("level", UNKNOWN))
 
 
+def lifetimes(level: str, settings: config.Cache) -> tuple[float, float]:
+    """Seconds a result of ``level`` stays fresh, and how long after that it may be served."""
+    ttl = {UNKNOWN: settings.ttl_unknown, "none": settings.ttl_none}.get(level, settings.ttl)
+    # Unknown is never served stale: it is a temporary state, not a finding.
+    return ttl, (0.0 if level == UNKNOWN else settings.stale_max)
+
+
 class MemoryCache:
+    backend = "memory"
+
     def __init__(self, settings: config.Cache, clock: Callable[[], float] = time.monotonic):
         self._settings = settings
         self._clock = clock
@@ -46,6 +55,16 @@ class MemoryCache:
         self._lock = threading.Lock()
 
     def get(self, domain: str) -> tuple[State, Entry | None]:
+        started = time.perf_counter()
+        state, entry = self._get(domain)
+        metrics.CACHE_SECONDS.labels(backend=self.backend, op="get").observe(
+            time.perf_counter() - started)
+        metrics.CACHE_REQUESTS.labels(backend=self.backend, result=state.value).inc()
+        if entry is not None:
+            metrics.ASSESSMENT_AGE.observe(max(0.0, self._clock() - entry.stored_at))
+        return state, entry
+
+    def _get(self, domain: str) -> tuple[State, Entry | None]:
         now = self._clock()
         with self._lock:
             entry = self._entries.get(domain)
@@ -59,18 +78,18 @@ class MemoryCache:
 
     def put(self, assessment: dict[str, Any]) -> Entry:
         now = self._clock()
-        level = assessment.get("level", UNKNOWN)
-        s = self._settings
-        ttl = {UNKNOWN: s.ttl_unknown, "none": s.ttl_none}.get(level, s.ttl)
-        # Unknown is never served stale: it is a temporary state, not a finding.
-        grace = 0.0 if level == UNKNOWN else s.stale_max
+        ttl, grace = lifetimes(str(assessment.get("level", UNKNOWN)), self._settings)
         entry = Entry(assessment, now, now + ttl, now + ttl + grace)
         with self._lock:
             self._entries[assessment["domain"]] = entry
             self._entries.move_to_end(assessment["domain"])
-            while len(self._entries) > s.max_entries:
+            while len(self._entries) > self._settings.max_entries:
                 self._entries.popitem(last=False)
         return entry
+
+    def due(self, entry: Entry) -> bool:
+        """Whether a fresh ``entry`` is close enough to expiry to be re-assessed now."""
+        return self._clock() >= entry.fresh_until - self._settings.refresh_before
 
     def flush(self, domain: str | None = None) -> int:
         with self._lock:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from tlsmilter import __version__, config
 from tlsmilter.errors import ConfigError, TlsmilterError, UsageError
 
-# Exit codes, documented in docs/cli.md.
+# Exit codes, documented in the README (Commands).
 EXIT_OK = 0
 EXIT_ERROR = 1  # bad input, bad config, or a runtime failure
 EXIT_USAGE = 2  # argparse's own code for a malformed command line
@@ -85,6 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
     from tlsmilter.serve import serve
 
     settings = config.load_optional(args.config)
+    settings = _with_metrics_listen(settings, args.metrics_listen, "metrics.listen")
     if args.socket:
         problem = config.check_milter_socket(args.socket)
         if problem:
@@ -93,6 +94,55 @@ def _serve(args: argparse.Namespace) -> int:
             settings, milter=dataclasses.replace(settings.milter, socket=args.socket))
     _setup_logging(settings.log.level.value)
     return serve(settings)
+
+
+def _with_metrics_listen(settings: config.Config, value: str | None,
+                         key: str) -> config.Config:
+    """Apply ``--metrics-listen`` to the dotted config ``key`` it overrides."""
+    if value is None:
+        return settings
+    problem = config.check_listen(value)
+    if problem:
+        raise UsageError(f"--metrics-listen: {problem}")
+    section, name = key.split(".")
+    replaced = dataclasses.replace(getattr(settings, section), **{name: value})
+    return dataclasses.replace(settings, **{section: replaced})
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from tlsmilter.worker import run_worker
+
+    settings = config.load_optional(args.config)
+    settings = _with_metrics_listen(settings, args.metrics_listen, "worker.metrics_listen")
+    _setup_logging(settings.log.level.value)
+    return run_worker(settings)
+
+
+def _policy_server(args: argparse.Namespace) -> int:
+    from tlsmilter.policyd import run_policy_server
+
+    settings = config.load_optional(args.config)
+    settings = _with_metrics_listen(settings, args.metrics_listen,
+                                    "policy_server.metrics_listen")
+    if args.socket:
+        if not args.socket.startswith("unix:/"):
+            raise UsageError("--socket: expected unix:/PATH")
+        settings = dataclasses.replace(settings, policy_server=dataclasses.replace(
+            settings.policy_server, socket=args.socket))
+    _setup_logging(settings.log.level.value)
+    return run_policy_server(settings)
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from tlsmilter.cachecmd import run_cache_command
+
+    return run_cache_command(config.load_optional(args.config), args)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from tlsmilter.report import run_report
+
+    return run_report(config.load_optional(args.config), args)
 
 
 def _setup_logging(level: str) -> None:
@@ -141,7 +191,67 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--socket", metavar="SPEC",
                      help="unix:/PATH or inet:PORT@127.0.0.1 (default: milter.socket)")
+    srv.add_argument("--metrics-listen", metavar="HOST:PORT",
+                     help="serve /metrics here; \"\" for none (default: metrics.listen)")
     srv.set_defaults(handler=_serve)
+
+    wrk = commands.add_parser(
+        "worker",
+        help="probe domains from the shared Redis queue",
+        description="Take probe requests from the Redis queue that milters fill (cache.backend "
+        "= \"redis\"), assess the domains and store the results for every milter. Run as many "
+        "as you like, on any host; each domain is probed once at a time across all of them. "
+        "Stops cleanly on SIGTERM.",
+    )
+    wrk.add_argument("--metrics-listen", metavar="HOST:PORT",
+                     help="serve /metrics here; \"\" for none (default: worker.metrics_listen)")
+    wrk.set_defaults(handler=_worker)
+
+    pol = commands.add_parser(
+        "policy-server",
+        help="answer Postfix smtp_tls_policy_maps lookups from the shared cache",
+        description="Serve Postfix's smtp_tls_policy_maps over the socketmap protocol, from "
+        "the Redis cache the milters use (cache.backend = \"redis\"). With the embedded "
+        "cache, tlsmilter serve runs the policy server itself. Stops cleanly on SIGTERM.",
+    )
+    pol.add_argument("--socket", metavar="unix:/PATH",
+                     help="where to listen (default: policy_server.socket)")
+    pol.add_argument("--metrics-listen", metavar="HOST:PORT",
+                     help="serve /metrics here; \"\" for none (default: "
+                     "policy_server.metrics_listen)")
+    pol.set_defaults(handler=_policy_server)
+
+    cch = commands.add_parser("cache", help="inspect or flush the shared assessment cache",
+                              description="Look at the Redis cache (cache.backend = "
+                              "\"redis\"): one domain, all domains, queue and counters; or "
+                              "drop entries so they are assessed again.")
+    cch_commands = cch.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    get = cch_commands.add_parser("get", help="show the cached assessment of a domain")
+    get.add_argument("domain", metavar="DOMAIN")
+    get.add_argument("--json", action="store_true", help="print the stored JSON")
+    lst = cch_commands.add_parser("list", help="list cached domains with level and age")
+    lst.add_argument("--json", action="store_true", help="one JSON object per line")
+    fls = cch_commands.add_parser("flush", help="drop one domain, or every entry")
+    fls.add_argument("domain", nargs="?", metavar="DOMAIN",
+                     help="the domain to drop (default: all entries of this prefix)")
+    cch_commands.add_parser("stats", help="entries by level, queue length, workers")
+    for sub in (get, lst, fls):
+        sub.set_defaults(handler=_cache)
+    cch_commands.choices["stats"].set_defaults(handler=_cache)
+
+    rep = commands.add_parser(
+        "report",
+        help="per-domain report from the decision log and the cache",
+        description="Summarise tlsmilter's decision log lines (and, with the Redis backend, "
+        "the shared cache): the domains most often refused for sensitive mail and why, and "
+        "the level mix of the domains seen. Reads the log from files or standard input, "
+        "e.g. journalctl -u tlsmilter -o cat | tlsmilter report.",
+    )
+    rep.add_argument("logs", nargs="*", metavar="LOG",
+                     help="log files with decision lines (default: standard input)")
+    rep.add_argument("--top", type=int, default=10, metavar="N",
+                     help="how many refused domains to list (default: 10)")
+    rep.set_defaults(handler=_report)
 
     cfg = commands.add_parser("config", help="work with the configuration file")
     cfg_commands = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")

@@ -12,15 +12,34 @@ import concurrent.futures
 import logging
 import threading
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
-from tlsmilter import config
+from tlsmilter import config, metrics
 from tlsmilter.assess.prober import Prober
 from tlsmilter.cache import Entry, MemoryCache, State
 
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 1000
+
+
+class Cache(Protocol):
+    def get(self, domain: str) -> tuple[State, Entry | None]: ...
+
+
+class Assessments(Protocol):
+    """What the milter needs: the embedded ``Engine`` or the Redis ``SharedEngine``."""
+
+    @property
+    def cache(self) -> Cache: ...
+
+    def lookup(self, domain: str) -> tuple[State, Entry | None]: ...
+
+    def wait(self, domains: Iterable[str], timeout: float) -> None: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 class Engine:
@@ -69,7 +88,7 @@ class Engine:
     def lookup(self, domain: str) -> tuple[State, Entry | None]:
         """Cache lookup that starts a probe on a miss or a stale entry."""
         state, entry = self.cache.get(domain)
-        if state is not State.HIT:
+        if state is not State.HIT or (entry is not None and self.cache.due(entry)):
             self.request(domain)
         return state, entry
 
@@ -81,17 +100,26 @@ class Engine:
                 return future
             if len(self._pending) >= MAX_IN_FLIGHT:
                 self.overflow += 1
+                metrics.PROBE_QUEUE_OVERFLOW.inc()
                 log.warning("probe queue full (%d in flight): %s not assessed now",
                             MAX_IN_FLIGHT, domain)
                 return None
             future = asyncio.run_coroutine_threadsafe(self._assess(domain), self._loop)
             self._pending[domain] = future
+            self._gauges()
         future.add_done_callback(lambda _f: self._done(domain))
         return future
 
     def _done(self, domain: str) -> None:
         with self._lock:
             self._pending.pop(domain, None)
+            self._gauges()
+
+    def _gauges(self) -> None:
+        # Requests past the prober's concurrency wait for a slot: that is the queue.
+        running = min(len(self._pending), self.settings.prober.concurrency)
+        metrics.PROBES_IN_FLIGHT.set(running)
+        metrics.PROBE_QUEUE_LENGTH.set(len(self._pending) - running)
 
     async def _assess(self, domain: str) -> dict[str, Any]:
         assert self._prober is not None

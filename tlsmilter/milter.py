@@ -18,7 +18,7 @@ import Milter
 from tlsmilter import config
 from tlsmilter.cache import Entry
 from tlsmilter.domains import InvalidDomain, normalize_domain
-from tlsmilter.engine import Engine
+from tlsmilter.engine import Assessments
 from tlsmilter.levels import UNKNOWN, Level
 from tlsmilter.policy import Action, DomainStatus, Policy, Verdict, decide
 from tlsmilter.sensitivity import classify
@@ -86,7 +86,7 @@ def _fail_safe(stage: str) -> Callable[[F], F]:
 class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
     """One instance per SMTP connection (libmilter calls it from one thread at a time)."""
 
-    def __init__(self, engine: Engine, settings: config.Config,
+    def __init__(self, engine: Assessments, settings: config.Config,
                  policies: dict[str, Policy]) -> None:
         self.engine = engine
         self.settings = settings

@@ -15,11 +15,13 @@ from typing import Any
 
 import Milter
 
-from tlsmilter import config
+from tlsmilter import config, metrics
 from tlsmilter.engine import Engine
 from tlsmilter.errors import TlsmilterError
 from tlsmilter.milter import TlsMilter, policies_from
 from tlsmilter.policyserver import PolicyServer
+from tlsmilter.rediscache import describe
+from tlsmilter.sharedengine import SharedEngine
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,13 @@ def _start_policy_server(engine: Engine, settings: config.PolicyServer) -> Polic
     return server
 
 
+def make_engine(settings: config.Config) -> Engine | SharedEngine:
+    """The embedded engine, or the one on the shared Redis cache."""
+    if settings.cache.backend is config.CacheBackend.REDIS:
+        return SharedEngine(settings)
+    return Engine(settings)
+
+
 def serve(settings: config.Config) -> int:
     """Run until SIGTERM/SIGINT (libmilter handles them and returns from its main loop)."""
     sock_path = _unix_path(settings.milter.socket)
@@ -87,9 +96,21 @@ def serve(settings: config.Config) -> int:
     # only works if no other thread can take the signal, so block them before any thread
     # starts (threads inherit the mask). Otherwise Python's default SIGTERM kills us mid-way.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
-    engine = Engine(settings)
-    engine.start()
-    policy_server = _start_policy_server(engine, settings.policy_server)
+    metrics.init_labels(settings)
+    stop_metrics = metrics.start_metrics_server(settings.metrics.listen)
+    try:
+        engine = make_engine(settings)
+        engine.start()
+    except BaseException:
+        if stop_metrics is not None:
+            stop_metrics()
+        raise
+    policy_server = None
+    if isinstance(engine, Engine):
+        policy_server = _start_policy_server(engine, settings.policy_server)
+    else:
+        log.info("shared cache on %s: run tlsmilter policy-server for Postfix's TLS policy "
+                 "lookups, and tlsmilter worker for probes", describe(settings.redis))
     policies = policies_from(settings)
     Milter.factory = lambda: TlsMilter(engine, settings, policies)
     Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE)
@@ -104,10 +125,12 @@ def serve(settings: config.Config) -> int:
     finally:
         stop.set()
         sd_notify("STOPPING=1")
-        if policy_server is not None:
+        if policy_server is not None and isinstance(engine, Engine):
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(policy_server.stop(), engine.loop).result(10)
         engine.stop()
+        if stop_metrics is not None:
+            stop_metrics()
         if sock_path is not None:
             with contextlib.suppress(OSError):
                 sock_path.unlink()

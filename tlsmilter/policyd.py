@@ -1,0 +1,68 @@
+"""``tlsmilter policy-server``: the socketmap policy server as its own process, on Redis.
+
+With the shared cache any number of policy servers answer from the assessments every milter
+decided on (with the embedded cache, ``serve`` runs the server itself). A lookup Redis cannot
+answer gets ``TEMP``: Postfix defers the delivery and tries again, never weakening TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+from tlsmilter import config, metrics
+from tlsmilter.errors import TlsmilterError
+from tlsmilter.policyserver import PolicyServer
+from tlsmilter.rediscache import RedisCache, describe
+from tlsmilter.serve import sd_notify
+
+log = logging.getLogger(__name__)
+
+
+def run_policy_server(settings: config.Config) -> int:
+    """Serve Postfix's TLS policy lookups until SIGTERM or SIGINT."""
+    if settings.cache.backend is not config.CacheBackend.REDIS:
+        raise TlsmilterError('policy-server needs cache.backend = "redis": with the embedded '
+                             "cache, tlsmilter serve runs the policy server itself")
+    path = Path(settings.policy_server.socket.removeprefix("unix:"))
+    cache = RedisCache(settings)
+    metrics.init_labels(settings)
+    stop_metrics = metrics.start_metrics_server(settings.policy_server.metrics_listen)
+
+    async def lookup(domain: str) -> dict[str, Any] | None:
+        # redis-py's blocking client in a thread: the same RedisCache the milter uses.
+        _state, entry = await asyncio.to_thread(cache.get, domain)
+        return entry.assessment if entry else None
+
+    async def main() -> None:
+        server = PolicyServer(lookup, str(path), map_name=settings.policy_server.map_name,
+                              mode=int(settings.policy_server.socket_mode, 8))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            await server.start()
+        except OSError as exc:
+            raise TlsmilterError(f"policy_server.socket {settings.policy_server.socket}: "
+                                 f"{exc.strerror or exc}") from None
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        log.info("policy server on %s answering from %s", path, describe(settings.redis))
+        sd_notify("READY=1")
+        try:
+            await stop.wait()
+        finally:
+            sd_notify("STOPPING=1")
+            await server.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        cache.client.close()
+        if stop_metrics is not None:
+            stop_metrics()
+    log.info("policy server stopped")
+    return 0

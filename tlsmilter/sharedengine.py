@@ -1,0 +1,119 @@
+"""The milter's engine on the shared Redis cache: look up, ask the workers, wait for them.
+
+It offers the milter the same ``cache``/``lookup``/``wait`` as the embedded ``Engine``, but
+probes nothing itself: a miss queues the domain for the ``tlsmilter worker`` fleet. A worker
+publishes each stored assessment on a channel; a listener thread wakes the callback threads
+waiting at end-of-message, so the wait ends as soon as the result is there. The wait also
+re-reads the cache every ``POLL`` seconds, so a notice lost while the listener reconnects
+costs at most that much.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+
+import redis
+
+from tlsmilter import config
+from tlsmilter.cache import Entry, State
+from tlsmilter.probequeue import ProbeRequests
+from tlsmilter.rediscache import CacheUnavailable, RedisCache
+
+log = logging.getLogger(__name__)
+
+POLL = 0.25  # seconds between cache re-reads of a waiting callback
+LISTEN_RETRY = 1.0  # seconds between attempts to resubscribe while Redis is down
+
+
+class SharedEngine:
+    def __init__(self, settings: config.Config, *, cache: RedisCache | None = None) -> None:
+        self.settings = settings
+        self.cache = cache or RedisCache(settings)
+        self.requests = ProbeRequests(settings, self.cache.client, self.cache.health)
+        self._waiters: dict[str, set[threading.Event]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._listener = threading.Thread(target=self._listen, name="tlsmilter-assessed",
+                                          daemon=True)
+
+    def start(self) -> None:
+        self._listener.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._listener.is_alive():
+            self._listener.join(timeout=LISTEN_RETRY + 2)
+
+    def lookup(self, domain: str) -> tuple[State, Entry | None]:
+        """Cache lookup that queues a probe on a miss, a stale entry or one due for refresh."""
+        state, entry = self.cache.get(domain)
+        if state is not State.HIT or (entry is not None and self.cache.due(entry)):
+            self.requests.request(domain)
+        return state, entry
+
+    def request(self, domain: str) -> bool:
+        return self.requests.request(domain)
+
+    def wait(self, domains: Iterable[str], timeout: float) -> None:
+        """Block until every domain has a usable assessment, or ``timeout``."""
+        pending = set(domains)
+        if not pending:
+            return
+        event = threading.Event()
+        with self._lock:
+            for domain in pending:
+                self._waiters.setdefault(domain, set()).add(event)
+        deadline = time.monotonic() + timeout
+        try:
+            while pending:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                event.wait(min(POLL, remaining))
+                event.clear()
+                pending = {d for d in pending if self._missing(d)}
+        finally:
+            with self._lock:
+                for domain in set(domains):
+                    waiting = self._waiters.get(domain)
+                    if waiting is not None:
+                        waiting.discard(event)
+                        if not waiting:
+                            del self._waiters[domain]
+
+    def _missing(self, domain: str) -> bool:
+        try:
+            state, _entry = self.cache.get(domain)
+        except CacheUnavailable:
+            return False  # nothing to wait for: the milter fails safe on its own read
+        return state is State.MISS
+
+    def _notify(self, domain: str) -> None:
+        with self._lock:
+            events = list(self._waiters.get(domain, ()))
+        for event in events:
+            event.set()
+
+    def _listen(self) -> None:
+        channel = self.cache.keys.assessed
+        while not self._stop.is_set():
+            pubsub = self.cache.client.pubsub(  # type: ignore[no-untyped-call]
+                ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(channel)
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=POLL)
+                    if message and message.get("type") == "message":
+                        data = message["data"]
+                        self._notify(data.decode() if isinstance(data, bytes) else str(data))
+            except (redis.RedisError, OSError) as exc:
+                self.cache.health.failed(exc)
+                self._stop.wait(LISTEN_RETRY)
+            finally:
+                try:
+                    pubsub.close()
+                except (redis.RedisError, OSError):
+                    log.debug("closing the pub/sub connection failed", exc_info=True)

@@ -1,0 +1,205 @@
+"""``tlsmilter worker``: probe the domains milters queue on the shared Redis.
+
+Each worker reads the probe Stream through the consumer group, runs up to
+``prober.concurrency`` probes at once (and, fleet-wide, ``worker.fleet_concurrency``),
+stores each assessment with its TTL and announces it, so the milters waiting for it go on.
+On SIGTERM it stops reading, lets running probes finish (up to one probe budget) and exits;
+what it leaves unfinished is taken over by another worker after ``worker.claim_after``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+
+import redis
+
+from tlsmilter import config, metrics
+from tlsmilter.assess.prober import Prober
+from tlsmilter.cache import State
+from tlsmilter.domains import InvalidDomain, normalize_domain
+from tlsmilter.errors import TlsmilterError
+from tlsmilter.probequeue import WorkQueue
+from tlsmilter.rediscache import (
+    Health,
+    classify,
+    connect_async,
+    decode,
+    describe,
+    encode,
+    make_entry,
+)
+from tlsmilter.serve import sd_notify
+
+log = logging.getLogger(__name__)
+
+SLOT_RETRY = 0.2  # seconds between tries for a fleet-wide probe slot
+QUEUE_GAUGE_EVERY = 5.0  # seconds between updates of the queue-length gauge
+
+
+class Worker:
+    def __init__(self, settings: config.Config, *, prober: Prober | None = None,
+                 client: redis.asyncio.Redis | None = None) -> None:
+        self.settings = settings
+        self.client = client or connect_async(settings.redis)
+        self.consumer = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.queue = WorkQueue(settings, self.client, self.consumer)
+        self.health = Health(describe(settings.redis))
+        self.prober = prober
+        self.capacity = settings.prober.concurrency
+        self.stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._next_claim = 0.0
+        self._next_gauge = 0.0
+
+    async def run(self) -> None:
+        if self.prober is None:
+            self.prober = Prober(self.settings.prober)
+        metrics.WORKER_SLOTS.set(self.capacity)
+        metrics.WORKER_SLOTS_BUSY.set(0)
+        grouped = False
+        block_ms = max(50, int(self.settings.redis.timeout * 500))
+        while not self.stopping.is_set():
+            free = self.capacity - len(self._tasks)
+            if free <= 0:
+                await asyncio.wait(self._tasks, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                if not grouped:
+                    await self.queue.ensure_group()
+                    grouped = True
+                entries = await self._claim(free) or await self.queue.read(free, block_ms)
+                await self._update_gauge()
+                self.health.ok()
+            except redis.RedisError as exc:
+                self.health.failed(exc)
+                grouped = False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), 1.0)
+                continue
+            for entry_id, domain in entries:
+                task = asyncio.create_task(self._handle(entry_id, domain))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        await self._drain()
+
+    async def _claim(self, count: int) -> list[tuple[str, str]]:
+        now = time.monotonic()
+        if now < self._next_claim:
+            return []
+        self._next_claim = now + max(1.0, self.settings.worker.claim_after / 4)
+        claimed = await self.queue.claim(count)
+        if claimed:
+            log.info("took over %d probe(s) from a worker that stopped answering: %s",
+                     len(claimed), ", ".join(d for _i, d in claimed))
+        return claimed
+
+    async def _update_gauge(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_gauge:
+            self._next_gauge = now + QUEUE_GAUGE_EVERY
+            metrics.PROBE_QUEUE_LENGTH.set(await self.client.xlen(self.queue.keys.stream))
+
+    async def _drain(self) -> None:
+        if not self._tasks:
+            return
+        log.info("stopping: waiting for %d running probe(s)", len(self._tasks))
+        _done, pending = await asyncio.wait(self._tasks,
+                                            timeout=self.settings.prober.timeouts.domain)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _handle(self, entry_id: str, requested: str) -> None:
+        try:
+            domain = normalize_domain(requested)
+        except InvalidDomain as exc:
+            log.warning("dropping probe request for %r: %s", requested, exc)
+            await self._quietly(self.queue.finish(entry_id, requested, done=True))
+            return
+        try:
+            if not await self.queue.lock(domain):
+                # Another worker probes it right now. Leave the entry pending: it is taken
+                # over later, and then finds the fresh result and is simply acknowledged.
+                return
+            try:
+                await self._probe_locked(entry_id, domain)
+            finally:
+                await self.queue.unlock(domain)
+        except redis.RedisError as exc:
+            # The entry stays pending; a worker takes it over once Redis is back.
+            self.health.failed(exc)
+        except Exception:
+            log.exception("probing %s failed", domain)
+            await self._quietly(self.queue.finish(entry_id, domain, done=True))
+
+    async def _probe_locked(self, entry_id: str, domain: str) -> None:
+        keys = self.queue.keys
+        requested_at = int(entry_id.split("-")[0]) / 1000
+        stored = decode(await self.client.get(keys.assessment(domain)))
+        if (stored is not None and stored.stored_at >= requested_at
+                and classify(stored, time.time()) is State.HIT):
+            await self.queue.finish(entry_id, domain, done=True)  # done since it was asked for
+            return
+        token = f"{self.consumer}:{domain}"
+        while not await self.queue.acquire_slot(token, int(time.time() * 1000)):
+            await asyncio.sleep(SLOT_RETRY)
+        assert self.prober is not None
+        metrics.WORKER_SLOTS_BUSY.inc()
+        metrics.PROBES_IN_FLIGHT.inc()
+        try:
+            assessment = (await self.prober.assess(domain)).to_json()
+        finally:
+            metrics.WORKER_SLOTS_BUSY.dec()
+            metrics.PROBES_IN_FLIGHT.dec()
+            await self._quietly(self.queue.release_slot(token))
+        now = time.time()
+        text, ttl_ms = encode(make_entry(assessment, now, self.settings.cache), now)
+        await self.client.set(keys.assessment(domain), text, px=ttl_ms)
+        await self.queue.announce(domain)
+        await self.queue.finish(entry_id, domain, done=True)
+        log.info("assessed %s: %s", domain, assessment.get("level"))
+
+    async def _quietly(self, operation: asyncio.Future[object] | object) -> None:
+        try:
+            await operation  # type: ignore[misc]  # any awaitable
+        except redis.RedisError as exc:
+            self.health.failed(exc)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+
+def run_worker(settings: config.Config) -> int:
+    """Run a worker until SIGTERM or SIGINT."""
+    if settings.cache.backend is not config.CacheBackend.REDIS:
+        raise TlsmilterError('worker needs cache.backend = "redis": with the embedded cache, '
+                             "tlsmilter serve probes by itself")
+    stop_metrics = metrics.start_metrics_server(settings.worker.metrics_listen)
+
+    async def main() -> None:
+        worker = Worker(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        log.info("worker %s on %s", worker.consumer, describe(settings.redis))
+        sd_notify("READY=1")
+        try:
+            await worker.run()
+        finally:
+            sd_notify("STOPPING=1")
+            await worker.client.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()
+    log.info("worker stopped")
+    return 0
