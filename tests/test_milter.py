@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import email.message
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ import Milter
 import pytest
 from Milter import testctx
 
-from tlsmilter import config
+from tlsmilter import config, metrics
 from tlsmilter.engine import Engine
 from tlsmilter.milter import ASSESSMENT_HEADER, ROUTE_HEADER, TAG_HEADER, TlsMilter, policies_from
 
@@ -242,3 +242,81 @@ def test_undecodable_header_value_gets_fail_safe_policy(make_engine: Any) -> Non
     rc, _ctx = send(engine, DEFAULT, ["<a@enc.test>"], [("X-Sensitivity", "geheim\udcff")])
     # fail-safe policy "confidential" requires verified: an encrypted-only domain is refused
     assert rc == Milter.REJECT
+
+
+# -- metrics and the decision line -----------------------------------------------------------
+
+
+def sample(name: str, **labels: str) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def deltas(samples: dict[str, tuple[str, dict[str, str]]]) -> Callable[[], dict[str, float]]:
+    """Read ``samples`` now; the returned function gives how much each grew since."""
+    before = {key: sample(name, **labels) for key, (name, labels) in samples.items()}
+    return lambda: {key: sample(name, **labels) - before[key]
+                    for key, (name, labels) in samples.items()}
+
+
+def test_a_refusal_is_counted_and_logged_with_each_failing_domains_reason(
+        make_engine: Any, caplog: pytest.LogCaptureFixture) -> None:
+    settings = config.from_mapping({"milter": {"eom_wait": 0.1}})
+    engine, _ = make_engine(settings, delay=1.0)  # new.test stays unassessed at EOM
+    grown = deltas({
+        "rejected": ("tlsmilter_messages_total", {"sensitivity": "private", "verdict": "reject"}),
+        "no_starttls": ("tlsmilter_refused_domains_total", {"reason": "no_starttls"}),
+        "invalid": ("tlsmilter_refused_domains_total", {"reason": "invalid_domain"}),
+        "not_assessed": ("tlsmilter_refused_domains_total", {"reason": "not_assessed"}),
+        "rcpt_none": ("tlsmilter_recipients_total", {"level": "none"}),
+        "rcpt_dane": ("tlsmilter_recipients_total", {"level": "dane"}),
+        "rcpt_pending": ("tlsmilter_recipients_total", {"level": "pending"}),
+        "rcpt_invalid": ("tlsmilter_recipients_total", {"level": "invalid"}),
+        "eom": ("tlsmilter_milter_callback_seconds_count", {"stage": "eom"}),
+        "rcpt": ("tlsmilter_milter_callback_seconds_count", {"stage": "rcpt"}),
+        "waits": ("tlsmilter_eom_wait_seconds_count", {}),
+    })
+    with caplog.at_level("INFO", logger="tlsmilter.milter"):
+        rc, _ctx = send(engine, settings, ["<a@dane.test>", "<b@plain.test>", "<c@plain.test>",
+                                           "<d@[192.0.2.1]>", "<e@new.test>"], SENSITIVE)
+    assert rc == Milter.REJECT
+    assert grown() == {"rejected": 1, "no_starttls": 1, "invalid": 1, "not_assessed": 1,
+                       "rcpt_none": 2, "rcpt_dane": 1, "rcpt_pending": 1, "rcpt_invalid": 1,
+                       "eom": 1, "rcpt": 5, "waits": 1}
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("decision ")]
+    assert line.endswith(" failing=plain.test,[192.0.2.1],new.test reasons=plain.test:"
+                         "no_starttls,[192.0.2.1]:invalid_domain,new.test:not_assessed")
+
+
+def test_normal_mail_and_fail_safe_activations_are_counted(
+        make_engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, _ = make_engine(DEFAULT)
+    grown = deltas({
+        "normal": ("tlsmilter_messages_total", {"sensitivity": "normal", "verdict": "accept"}),
+        "tempfail": ("tlsmilter_messages_total", {"sensitivity": "private",
+                                                  "verdict": "tempfail"}),
+        "callback": ("tlsmilter_fail_safe_total", {"reason": "callback_error"}),
+        "decide": ("tlsmilter_fail_safe_total", {"reason": "decide_error"}),
+        "local": ("tlsmilter_recipients_total", {"level": "local"}),
+    })
+    send(engine, DEFAULT, ["<postmaster>"], [("Subject", "ordinary")])
+
+    def broken(*_a: object, **_k: object) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(engine, "lookup", broken)
+    rc, _ctx = send(engine, DEFAULT, ["<a@dane.test>"], SENSITIVE)  # RCPT fails
+    assert rc == Milter.TEMPFAIL
+    monkeypatch.undo()
+    monkeypatch.setattr("tlsmilter.milter.decide", broken)
+    rc, _ctx = send(engine, DEFAULT, ["<a@dane.test>"], SENSITIVE)
+    assert rc == Milter.TEMPFAIL
+    assert grown() == {"normal": 1, "tempfail": 2, "callback": 1, "decide": 1, "local": 1}
+
+
+def test_policy_names_from_the_config_are_pre_initialised() -> None:
+    settings = config.from_mapping({"policies": {"medical": {"require": "dane"}}})
+    assert metrics.REGISTRY.get_sample_value(
+        "tlsmilter_messages_total", {"sensitivity": "medical", "verdict": "reject"}) is None
+    policies_from(settings)
+    for action in ("accept", "tag", "quarantine", "tempfail", "reject"):
+        assert sample("tlsmilter_messages_total", sensitivity="medical", verdict=action) == 0

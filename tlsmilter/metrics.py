@@ -124,6 +124,16 @@ PROBE_RESULTS: dict[Check, tuple[str, ...]] = {
 }
 TIMED_CHECKS = (Check.MX, Check.MTA_STS, Check.SMTP)  # tlsmilter_probe_seconds{check}
 
+# Why a recipient domain failed a sensitive message's policy: the first problem code of its
+# assessment (model.Code), or one of these. They are also the decision log's ``reasons=``.
+INVALID_DOMAIN = "invalid_domain"  # an address literal or a name that is not a domain
+NOT_ASSESSED = "not_assessed"  # no assessment by the end of the end-of-message wait
+LEVEL_TOO_LOW = "level_too_low"  # assessed without problems, but below what the policy needs
+OTHER = "other"  # a code this version does not know (an entry written by another version)
+REFUSAL_REASONS = (*(c.value for c in Code), INVALID_DOMAIN, NOT_ASSESSED, LEVEL_TOO_LOW,
+                   UNKNOWN, OTHER)
+_REFUSAL_REASONS = frozenset(REFUSAL_REASONS)
+
 ASSESSMENT_RESULTS = (*(level.value for level in Level), UNKNOWN)
 CACHE_BACKENDS = ("memory", "redis")
 # cache.State values plus "error"; spelled out because the cache modules import this one.
@@ -163,6 +173,10 @@ EOM_WAIT_SECONDS = Histogram("tlsmilter_eom_wait_seconds", "Time a sensitive mes
 EOM_UNASSESSED = Counter("tlsmilter_eom_unassessed_total", "Recipient domains of sensitive "
                          "messages still not assessed when the end-of-message wait ended.",
                          registry=REGISTRY)
+REFUSED_DOMAINS = Counter("tlsmilter_refused_domains_total", "Recipient domains that failed "
+                          "a sensitive message's policy (refused, held, tagged or, in monitor "
+                          "mode, would have been), by the first problem found.", ["reason"],
+                          registry=REGISTRY)
 FAIL_SAFE = Counter("tlsmilter_fail_safe_total", "Faults handled by the fail-safe rules, by "
                     "reason.", ["reason"], registry=REGISTRY)
 
@@ -239,6 +253,8 @@ def _init_static() -> None:
         CALLBACK_SECONDS.labels(stage=stage.value)
     for reason in FailSafe:
         FAIL_SAFE.labels(reason=reason.value)
+    for code in REFUSAL_REASONS:
+        REFUSED_DOMAINS.labels(reason=code)
     for backend in CACHE_BACKENDS:
         for result in CACHE_RESULTS:
             CACHE_REQUESTS.labels(backend=backend, result=result)
@@ -259,6 +275,11 @@ def _init_static() -> None:
 def probe(check: Check, result: str) -> None:
     """Count one assessment step; ``result`` must be one of ``PROBE_RESULTS[check]``."""
     PROBES.labels(check=check.value, result=result).inc()
+
+
+def refused_domain(reason: str) -> None:
+    """Count a domain that failed a policy; an unknown ``reason`` counts as ``other``."""
+    REFUSED_DOMAINS.labels(reason=reason if reason in _REFUSAL_REASONS else OTHER).inc()
 
 
 def fail_safe(reason: FailSafe) -> None:

@@ -9,18 +9,28 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import Milter
 
-from tlsmilter import config
+from tlsmilter import config, metrics
 from tlsmilter.cache import Entry
 from tlsmilter.domains import InvalidDomain, normalize_domain
 from tlsmilter.engine import Assessments
 from tlsmilter.levels import UNKNOWN, Level
+from tlsmilter.metrics import (
+    INVALID_DOMAIN,
+    LEVEL_TOO_LOW,
+    NOT_ASSESSED,
+    FailSafe,
+    RecipientLevel,
+    Stage,
+)
 from tlsmilter.policy import Action, DomainStatus, Policy, Verdict, decide
+from tlsmilter.rediscache import CacheUnavailable
 from tlsmilter.sensitivity import classify
 
 log = logging.getLogger(__name__)
@@ -45,6 +55,7 @@ TEMPFAIL: int = Milter.TEMPFAIL
 
 
 def policies_from(settings: config.Config) -> dict[str, Policy]:
+    metrics.init_labels(settings)  # once per configuration: its policy names label messages
     return {
         name: Policy(name, Level(p.require.value), Action(p.on_insecure.value),
                      Action(p.on_unknown.value), tuple(p.reply))
@@ -56,6 +67,7 @@ def policies_from(settings: config.Config) -> dict[str, Policy]:
 class Recipient:
     domain: str
     invalid: str = ""  # why the domain cannot be assessed at all (address literal, bad name)
+    seen: RecipientLevel = RecipientLevel.PENDING  # what RCPT knew of its level (metrics)
 
 
 @dataclass
@@ -66,19 +78,36 @@ class MessageState:
     tls_required_no: list[int] = field(default_factory=list)  # occurrence indexes
     tls_required_count: int = 0
     subject: str | None = None
+    reason_codes: dict[str, str] = field(default_factory=dict)  # domain -> first problem code
 
 
-def _fail_safe(stage: str) -> Callable[[F], F]:
-    """Catch every exception of a callback: log it, then CONTINUE (EOM has its own rule)."""
+_SEEN = {value: RecipientLevel(value) for value in (*(lv.value for lv in Level), UNKNOWN)}
+
+
+def _fail_safe_reason(exc: Exception, otherwise: FailSafe) -> FailSafe:
+    """The fail-safe reason to count for ``exc``."""
+    return FailSafe.CACHE_UNAVAILABLE if isinstance(exc, CacheUnavailable) else otherwise
+
+
+def _fail_safe(stage: str, timed: Stage) -> Callable[[F], F]:
+    """Catch every exception of a callback: log it, then CONTINUE (EOM has its own rule).
+
+    Also times the callback, as ``timed``."""
     def wrap(func: F) -> F:
+        seconds = metrics.CALLBACK_SECONDS.labels(stage=timed.value)
+
         @functools.wraps(func)
         def guarded(self: TlsMilter, *args: Any) -> Any:
+            started = time.perf_counter()
             try:
                 return func(self, *args)
-            except Exception:
+            except Exception as exc:
                 log.exception("internal error in %s; message passes to end-of-message", stage)
+                metrics.fail_safe(_fail_safe_reason(exc, FailSafe.CALLBACK_ERROR))
                 self.failed = True
                 return CONTINUE
+            finally:
+                seconds.observe(time.perf_counter() - started)
         return guarded  # type: ignore[return-value]
     return wrap
 
@@ -97,38 +126,51 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         self.skip_domains = {d.lower().rstrip(".") for d in settings.milter.skip_domains}
         self.msg = MessageState()
         self.failed = False
+        metrics.MILTER_SESSIONS.inc()
+        metrics.MILTER_SESSIONS_ACTIVE.inc()
 
-    @_fail_safe("MAIL FROM")
+    @_fail_safe("MAIL FROM", Stage.MAIL)
     def envfrom(self, mailfrom: str, *params: str) -> int:
         self.msg = MessageState()
         self.failed = False
         return CONTINUE
 
-    @_fail_safe("RCPT TO")
+    @_fail_safe("RCPT TO", Stage.RCPT)
     def envrcpt(self, to: str, *params: str) -> int:
+        seen = self._recipient(to)
+        metrics.RECIPIENTS.labels(level=seen.value).inc()
+        return CONTINUE
+
+    def _recipient(self, to: str) -> RecipientLevel:
+        """Note the recipient's domain and start its assessment; what was known of it."""
         mailer = self.getsymval("{rcpt_mailer}")
         if mailer in self.local_transports:
-            return CONTINUE
+            return RecipientLevel.LOCAL
         address = to.strip().strip("<>")
         local, at, raw_domain = address.rpartition("@")
         if not at or not local:
-            return CONTINUE  # "postmaster" and friends: delivered locally by definition
+            return RecipientLevel.LOCAL  # "postmaster" and friends: local by definition
         try:
             domain = normalize_domain(raw_domain)
         except InvalidDomain as exc:
-            self.msg.recipients.setdefault(raw_domain.lower(), Recipient(raw_domain, exc.why))
-            return CONTINUE
-        if domain in self.skip_domains or domain in self.msg.recipients:
-            return CONTINUE
-        self.msg.recipients[domain] = Recipient(domain)
-        self.engine.lookup(domain)  # starts the probe now, so it is likely done by EOM
-        return CONTINUE
+            self.msg.recipients.setdefault(raw_domain.lower(), Recipient(
+                raw_domain, exc.why, RecipientLevel.INVALID))
+            return RecipientLevel.INVALID
+        if domain in self.skip_domains:
+            return RecipientLevel.SKIPPED
+        if domain in self.msg.recipients:
+            return self.msg.recipients[domain].seen
+        # Starts the probe now, so it is likely done by EOM.
+        _state, entry = self.engine.lookup(domain)
+        seen = _SEEN.get(entry.level, RecipientLevel.UNKNOWN) if entry else RecipientLevel.PENDING
+        self.msg.recipients[domain] = Recipient(domain, seen=seen)
+        return seen
 
     def data(self) -> int:
         # Overridden so Postfix's DATA-stage macro packet gets an answer (DESIGN pitfall).
         return CONTINUE
 
-    @_fail_safe("header")
+    @_fail_safe("header", Stage.HEADER)
     def header(self, name: str, value: str) -> int:
         lower = name.lower()
         if lower in self.watched:
@@ -144,6 +186,14 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         return CONTINUE
 
     def eom(self) -> int:
+        started = time.perf_counter()
+        try:
+            return self._eom()
+        finally:
+            metrics.CALLBACK_SECONDS.labels(stage=Stage.EOM.value).observe(
+                time.perf_counter() - started)
+
+    def _eom(self) -> int:
         queue_id = self.getsymval("i") or "-"
         try:
             self._strip_forged()
@@ -153,34 +203,49 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
                 fail_safe=self.settings.sensitivity.fail_safe_policy, policies=self.policies)
         except Exception:
             log.exception("queue_id=%s internal error classifying the message", queue_id)
-            return self._fail(queue_id, sensitive=bool(self.msg.headers))
+            metrics.fail_safe(FailSafe.CLASSIFY_ERROR)
+            return self._fail(queue_id, metrics.UNCLASSIFIED, sensitive=bool(self.msg.headers))
         if policy is None:
+            self._count(metrics.NOT_SENSITIVE, Action.ACCEPT)
             return ACCEPT  # not sensitive: untouched and not delayed
+        if self.failed:  # counted as a fail-safe activation where it happened
+            log.warning("queue_id=%s an earlier callback failed", queue_id)
+            return self._fail(queue_id, policy.name, sensitive=True)
         try:
-            if self.failed:
-                raise RuntimeError("an earlier callback failed")
             statuses = self._statuses()
             verdict = decide(policy, statuses, monitor=self.settings.milter.monitor,
                              sensitivity=value)
             self._log(queue_id, value, statuses, verdict)
-            return self._apply(verdict, statuses)
-        except Exception:
+            result = self._apply(verdict, statuses)
+        except Exception as exc:
             log.exception("queue_id=%s internal error deciding a sensitive message", queue_id)
-            return self._fail(queue_id, sensitive=True)
+            metrics.fail_safe(_fail_safe_reason(exc, FailSafe.DECIDE_ERROR))
+            return self._fail(queue_id, policy.name, sensitive=True)
+        self._count(policy.name, verdict.action)
+        for failing in verdict.failing:
+            metrics.refused_domain(self.msg.reason_codes.get(failing.domain, UNKNOWN))
+        return result
 
     def abort(self) -> int:
         self.msg = MessageState()
         return CONTINUE
 
     def close(self) -> int:
+        metrics.MILTER_SESSIONS_ACTIVE.dec()
         return CONTINUE
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _fail(self, queue_id: str, *, sensitive: bool) -> int:
+    @staticmethod
+    def _count(sensitivity: str, action: Action) -> None:
+        metrics.MESSAGES.labels(sensitivity=sensitivity, verdict=action.value).inc()
+
+    def _fail(self, queue_id: str, sensitivity: str, *, sensitive: bool) -> int:
         if not sensitive:
+            self._count(sensitivity, Action.ACCEPT)
             return ACCEPT
         log.warning("decision queue_id=%s verdict=tempfail reason=internal_error", queue_id)
+        self._count(sensitivity, Action.TEMPFAIL)
         self.setreply(*FAIL_SAFE_REPLY)
         return TEMPFAIL
 
@@ -193,16 +258,26 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         pending = [d for d, r in self.msg.recipients.items() if not r.invalid
                    and self._level(self.engine.cache.get(d)[1]) is None]
         if pending:
+            started = time.perf_counter()
             self.engine.wait(pending, self.settings.milter.eom_wait)
+            metrics.EOM_WAIT_SECONDS.observe(time.perf_counter() - started)
         statuses = []
+        codes = self.msg.reason_codes
         for domain, recipient in self.msg.recipients.items():
             if recipient.invalid:
                 statuses.append(DomainStatus(domain, Level.NONE, recipient.invalid))
+                codes[domain] = INVALID_DOMAIN
                 continue
             _state, entry = self.engine.cache.get(domain)
             level = self._level(entry)
-            why = _why(entry) if entry else "not assessed in time"
+            if entry is None:
+                statuses.append(DomainStatus(domain, level, "not assessed in time"))
+                codes[domain] = NOT_ASSESSED
+                metrics.EOM_UNASSESSED.inc()
+                continue
+            why, code = _first_problem(entry)
             statuses.append(DomainStatus(domain, level, why))
+            codes[domain] = code or (UNKNOWN if level is None else LEVEL_TOO_LOW)
         return statuses
 
     @staticmethod
@@ -242,23 +317,26 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
              verdict: Verdict) -> None:
         levels = ",".join(f"{s.domain}:{s.level.value if s.level else UNKNOWN}"
                           for s in statuses) or "-"
+        codes = self.msg.reason_codes
         log.info(
             "decision queue_id=%s sensitivity=%s policy=%s require=%s verdict=%s%s "
-            "domains=%s failing=%s",
+            "domains=%s failing=%s reasons=%s",
             queue_id, _printable(value), verdict.policy.name, verdict.policy.require.value,
             verdict.action.value,
             f" would_be={verdict.would_be.value}" if verdict.would_be else "",
             levels, ",".join(d.domain for d in verdict.failing) or "-",
+            ",".join(f"{d.domain}:{codes.get(d.domain, UNKNOWN)}" for d in verdict.failing)
+            or "-",
         )
 
 
-def _why(entry: Entry) -> str:
-    """The first problem the assessment found, in plain language."""
+def _first_problem(entry: Entry) -> tuple[str, str]:
+    """The first problem the assessment found: in plain language, and its reason code."""
     for reason in entry.assessment.get("reasons", []):
         if reason.get("severity") == "problem":
             host = f" ({reason['host']})" if reason.get("host") else ""
-            return f"{reason['text'].split(' (')[0]}{host}"
-    return ""
+            return f"{reason['text'].split(' (')[0]}{host}", str(reason.get("code", ""))
+    return "", ""
 
 
 def _printable(text: str) -> str:

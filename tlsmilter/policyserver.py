@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from tlsmilter import metrics
 from tlsmilter.domains import InvalidDomain, normalize_domain
 from tlsmilter.errors import TlsmilterError
 from tlsmilter.netstring import NetstringDecoder, NetstringError, encode_netstring
@@ -157,7 +158,8 @@ class PolicyServer:
     The socket gets ``mode`` (default 0666: the map is read-only and holds public DNS
     facts, and Postfix's smtp processes must be able to connect); restrict who may connect
     through the socket's directory (e.g. ``/run/tlsmilter`` mode 0750, group postfix).
-    ``on_answer`` receives an ``Answer`` value per reply, for metrics.
+    Every reply is counted in ``tlsmilter_policy_lookups_total{answer}``; ``on_answer``
+    also receives its ``Answer`` value.
     """
 
     def __init__(
@@ -180,6 +182,7 @@ class PolicyServer:
         self._inode: tuple[int, int] | None = None
         self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
         self._logged_errors: set[str] = set()
+        metrics.init_labels()
 
     async def start(self) -> None:
         """Listen on ``path``, replacing a stale socket left by a dead process."""
@@ -320,6 +323,7 @@ class PolicyServer:
         return reply
 
     def _count(self, answer: Answer) -> None:
+        metrics.POLICY_LOOKUPS.labels(answer=answer.value).inc()
         if self.on_answer is None:
             return
         try:
