@@ -1,0 +1,131 @@
+"""tlsmilter's own daemons (``serve``, ``worker``, ``policy-server``) as lab processes.
+
+Each runs ``python -m tlsmilter.cli`` in a subprocess with a config file written for the lab
+(resolver, CA, short timeouts) and its output in a log file, so tests can read the decision
+lines and what the daemon said about Redis.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.lab.lab import Lab
+
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 15.0
+PROBER_EHLO = "prober.lab.invalid"  # how lab SMTP servers tell probes from deliveries
+
+
+def write_config(path: Path, lab: Lab, sockets: Path, *, redis_url: str | None = None,
+                 extra: str = "") -> Path:
+    """A config for the lab: sockets in ``sockets``, Redis backend when ``redis_url``."""
+    backend = f'[cache]\nbackend = "redis"\n[redis]\nurl = "{redis_url}"\n' if redis_url else ""
+    path.write_text(f"""
+[milter]
+socket = "unix:{sockets / 'milter.sock'}"
+socket_mode = "0666"
+eom_wait = 1.0
+[policy_server]
+socket = "unix:{sockets / 'policy.sock'}"
+metrics_listen = ""
+[metrics]
+listen = ""
+[worker]
+metrics_listen = ""
+[prober]
+resolver = "{lab.resolver}"
+ca_file = "{lab.ca.ca_file}"
+ehlo_name = "{PROBER_EHLO}"
+[prober.timeouts]
+connect = 3.0
+smtp = 3.0
+tls = 3.0
+https = 3.0
+domain = 10.0
+[log]
+level = "debug"
+{backend}{extra}""")
+    return path
+
+
+class Daemon:
+    """One ``tlsmilter COMMAND`` process; ``ready()`` says when it serves."""
+
+    def __init__(self, command: list[str], config: Path, log: Path,
+                 ready: Callable[[Daemon], bool] = lambda _daemon: True) -> None:
+        self.command = command
+        self.config = config
+        self.log = log
+        self.ready = ready
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log_start = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, "not running"
+        return self.process.pid
+
+    def start(self) -> None:
+        self._log_start = self.log.stat().st_size if self.log.exists() else 0
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tlsmilter.cli", "--config", str(self.config),
+                 *self.command], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self.ready(self):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"tlsmilter {' '.join(self.command)} did not start:\n"
+                                   f"{self.text()[-3000:]}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """SIGTERM; the daemon must exit 0 (a clean drain), else the test fails."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        assert process.returncode == 0, self.text()[-3000:]
+
+    def kill(self) -> None:
+        """SIGKILL: the daemon dies mid-work, as in a crash."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def said(self, words: str) -> bool:
+        """Whether the current run (not an earlier one) logged ``words``."""
+        if not self.log.exists():
+            return False
+        with self.log.open("rb") as log:
+            log.seek(self._log_start)
+            return words.encode() in log.read()
+
+    def decisions(self) -> list[str]:
+        return [line for line in self.text().splitlines() if " decision " in line]
+
+
+def serve(config: Path, log: Path) -> Daemon:
+    # The socket mode is fixed right after libmilter creates the file, then it logs this.
+    return Daemon(["serve"], config, log, lambda d: d.said("milter listening"))
+
+
+def policy_server(config: Path, log: Path) -> Daemon:
+    return Daemon(["policy-server"], config, log, lambda d: d.said("policy server on "))
+
+
+def worker(config: Path, log: Path) -> Daemon:
+    return Daemon(["worker"], config, log, lambda d: d.said("worker "))
