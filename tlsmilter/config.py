@@ -308,6 +308,9 @@ class Redis:
         "`unix:///PATH[?db=N]`. The password is never logged.",
         _redis_url,
     )
+    ca_file: str = _opt(
+        "", "PEM bundle of CAs trusted for `rediss://` (TLS). Empty: the system trust store.",
+        lambda v: None if not v or is_file(v) else "file does not exist")
     sentinels: list[str] = _opt(
         [],
         'Redis Sentinel addresses as `"HOST:PORT"`. When set, the master named '

@@ -71,8 +71,18 @@ def _sentinel_kwargs(settings: config.Redis) -> tuple[list[tuple[str, int]], dic
     db = parsed.path.lstrip("/") or urllib.parse.parse_qs(parsed.query).get("db", ["0"])[0]
     options["db"] = int(db) if db.isdigit() else 0
     if parsed.scheme == "rediss":
-        options["ssl"] = True
+        options.update(_tls_options(settings))
     return addresses, options
+
+
+def _tls_options(settings: config.Redis) -> dict[str, Any]:
+    """TLS options for ``rediss://``; other schemes get none."""
+    if not settings.url.startswith("rediss://"):
+        return {}
+    options: dict[str, Any] = {"ssl": True}
+    if settings.ca_file:
+        options["ssl_ca_certs"] = settings.ca_file
+    return options
 
 
 def connect(settings: config.Redis) -> redis.Redis:
@@ -86,7 +96,8 @@ def connect(settings: config.Redis) -> redis.Redis:
             settings.sentinel_service, **options)
         return master
     return redis.Redis.from_url(settings.url, socket_timeout=settings.timeout,
-                                socket_connect_timeout=settings.timeout)
+                                socket_connect_timeout=settings.timeout,
+                                **_url_tls(settings))
 
 
 def connect_async(settings: config.Redis) -> redis.asyncio.Redis:
@@ -99,7 +110,13 @@ def connect_async(settings: config.Redis) -> redis.asyncio.Redis:
         master: redis.asyncio.Redis = sentinel.master_for(settings.sentinel_service, **options)
         return master
     return redis.asyncio.Redis.from_url(settings.url, socket_timeout=settings.timeout,
-                                        socket_connect_timeout=settings.timeout)
+                                        socket_connect_timeout=settings.timeout,
+                                        **_url_tls(settings))
+
+
+def _url_tls(settings: config.Redis) -> dict[str, Any]:
+    # from_url picks the TLS connection class from the scheme itself.
+    return {k: v for k, v in _tls_options(settings).items() if k != "ssl"}
 
 
 class Keys:

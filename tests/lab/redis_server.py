@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -34,17 +35,35 @@ class LabRedis(Service):
     ``port`` None picks a free port once, at construction; ``restart()`` keeps it.
     """
 
-    def __init__(self, workdir: Path, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(self, workdir: Path, host: str = "127.0.0.1", port: int | None = None, *,
+                 unix_socket: bool = False, tls: tuple[str, str] | None = None) -> None:
+        """``unix_socket`` adds a socket file; ``tls`` (cert file, key file) makes the TCP
+        port speak TLS only."""
         self.workdir = workdir
         self.host = host
         self.port = port if port is not None else free_port(host)
         self.log_file = workdir / "redis.log"
+        self.socket_path = workdir / "redis.sock" if unix_socket else None
+        self.tls = tls
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         """The redis-py URL of database 0."""
-        return f"redis://{self.host}:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{self.host}:{self.port}/0"
+
+    def _listen_args(self) -> list[str]:
+        args = ["--bind", self.host]
+        if self.tls:
+            cert, key = self.tls
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", cert,
+                     "--tls-key-file", key, "--tls-auth-clients", "no"]
+        else:
+            args += ["--port", str(self.port)]
+        if self.socket_path:
+            args += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
+        return args
 
     @property
     def pid(self) -> int:
@@ -60,8 +79,7 @@ class LabRedis(Service):
         self.workdir.mkdir(parents=True, exist_ok=True)
         argv = [
             "redis-server",
-            "--bind", self.host,
-            "--port", str(self.port),
+            *self._listen_args(),
             "--save", "",
             "--appendonly", "no",
             "--dir", str(self.workdir),
@@ -79,6 +97,24 @@ class LabRedis(Service):
             self.stop()
             raise
 
+    def _ping(self) -> bytes:
+        if self.socket_path is not None:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.settimeout(1)
+                conn.connect(str(self.socket_path))
+                conn.sendall(b"PING\r\n")
+                return conn.recv(64)
+        with socket.create_connection((self.host, self.port), timeout=1) as raw:
+            if not self.tls:
+                raw.sendall(b"PING\r\n")
+                return raw.recv(64)
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE  # only asking whether it is up
+            with context.wrap_socket(raw) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(64)
+
     def _wait_ping(self) -> None:
         assert self._proc is not None
         deadline = time.monotonic() + START_TIMEOUT
@@ -88,9 +124,7 @@ class LabRedis(Service):
                 status = self._proc.returncode
                 raise LabError(f"redis-server exited with status {status}:\n{self._diagnostics()}")
             try:
-                with socket.create_connection((self.host, self.port), timeout=1) as conn:
-                    conn.sendall(b"PING\r\n")
-                    reply = conn.recv(64)
+                reply = self._ping()
                 if reply.startswith(b"+PONG"):
                     return
                 last_error = f"unexpected reply {reply!r}"
@@ -130,3 +164,57 @@ class LabRedis(Service):
         self.stop()
         self.start()
 
+
+
+class LabSentinel(Service):
+    """A Redis Sentinel (``redis-server --sentinel``) watching ``master`` as ``service``."""
+
+    def __init__(self, workdir: Path, master: LabRedis, service: str = "labmaster",
+                 host: str = "127.0.0.1") -> None:
+        self.workdir = workdir
+        self.master = master
+        self.service = service
+        self.host = host
+        self.port = free_port(host)
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "sentinel.conf"  # Sentinel rewrites it: it must be writable
+        conf.write_text(
+            f"bind {self.host}\nport {self.port}\ndir {self.workdir}\n"
+            f"logfile {self.workdir / 'sentinel.log'}\n"
+            f"sentinel monitor {self.service} {self.master.host} {self.master.port} 1\n")
+        with (self.workdir / "sentinel.stderr").open("ab") as stderr:
+            self._proc = subprocess.Popen(["redis-server", str(conf), "--sentinel"],
+                                          stdin=subprocess.DEVNULL, stdout=stderr,
+                                          stderr=stderr)
+        deadline = time.monotonic() + START_TIMEOUT
+        query = (f"*3\r\n$8\r\nSENTINEL\r\n$23\r\nget-master-addr-by-name\r\n"
+                 f"${len(self.service)}\r\n{self.service}\r\n").encode()
+        while True:
+            try:
+                with socket.create_connection((self.host, self.port), timeout=1) as conn:
+                    conn.sendall(query)
+                    if str(self.master.port).encode() in conn.recv(256):
+                        return
+            except OSError:
+                pass
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise LabError(f"Sentinel on {self.address} did not come up")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

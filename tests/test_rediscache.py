@@ -1,0 +1,241 @@
+"""The Redis cache and probe queue against a real redis-server the test starts on its own port.
+
+Lifetimes are checked with a controlled clock: the records carry wall-clock times, so the
+test moves the cache's clock instead of waiting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from tests.conftest import world_searchable_dir
+from tests.lab.model import Cert
+from tests.lab.pki import LabCA
+from tests.lab.redis_server import LabRedis, LabSentinel
+from tlsmilter import config
+from tlsmilter.cache import State
+from tlsmilter.probequeue import ProbeRequests
+from tlsmilter.rediscache import SCHEMA, CacheUnavailable, Health, RedisCache, redact
+
+pytestmark = pytest.mark.lab
+
+T0 = 1_800_000_000.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def workdir() -> Iterator[Path]:
+    path = world_searchable_dir("tlsmilter-redis-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server(workdir: Path) -> Iterator[LabRedis]:
+    instance = LabRedis(workdir / "plain", unix_socket=True)
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+def settings_for(url: str, **redis_options: Any) -> config.Config:
+    return config.from_mapping({"cache": {"backend": "redis", "ttl": 600.0, "ttl_none": 60.0,
+                                          "ttl_unknown": 30.0, "stale_max": 300.0,
+                                          "refresh_before": 100.0},
+                                "redis": {"url": url, "prefix": "t:", **redis_options}})
+
+
+def assessment(domain: str, level: str) -> dict[str, Any]:
+    return {"domain": domain, "level": level, "score": 60, "reasons": []}
+
+
+@pytest.fixture
+def cache(server: LabRedis) -> Iterator[RedisCache]:
+    instance = RedisCache(settings_for(server.url), clock=Clock())
+    instance.client.flushdb()
+    yield instance
+    instance.client.close()
+
+
+def clock_of(cache: RedisCache) -> Clock:
+    clock = cache._clock
+    assert isinstance(clock, Clock)
+    return clock
+
+
+def test_a_stored_assessment_reads_back_with_its_schema_prefix_and_ttl(
+        cache: RedisCache) -> None:
+    cache.put(assessment("example.test", "verified"))
+    state, entry = cache.get("example.test")
+    assert state is State.HIT and entry is not None
+    assert entry.assessment == assessment("example.test", "verified")
+    raw = json.loads(cache.client.get("t:a:example.test") or b"")
+    assert raw["schema"] == SCHEMA and raw["stored_at"] == T0
+    # The Redis TTL covers freshness plus the stale grace, and nothing more.
+    assert 899_000 < cache.client.pttl("t:a:example.test") <= 900_000
+
+
+@pytest.mark.parametrize(("level", "fresh", "grace"), [
+    ("dane", 600.0, 300.0),
+    ("none", 60.0, 300.0),
+    ("unknown", 30.0, 0.0),  # never served stale
+])
+def test_lifetimes_by_level(cache: RedisCache, level: str, fresh: float, grace: float) -> None:
+    clock = clock_of(cache)
+    cache.put(assessment("d.test", level))
+    clock.now = T0 + fresh - 1
+    assert cache.get("d.test")[0] is State.HIT
+    clock.now = T0 + fresh + 1
+    assert cache.get("d.test")[0] is (State.STALE if grace else State.MISS)
+    clock.now = T0 + fresh + grace + 1
+    assert cache.get("d.test") == (State.MISS, None)
+
+
+def test_refresh_is_due_shortly_before_expiry(cache: RedisCache) -> None:
+    clock = clock_of(cache)
+    entry = cache.put(assessment("d.test", "dane"))
+    clock.now = T0 + 499  # refresh_before = 100, ttl = 600
+    assert not cache.due(entry)
+    clock.now = T0 + 500
+    assert cache.due(entry)
+
+
+def test_another_schema_version_reads_as_a_miss(cache: RedisCache) -> None:
+    cache.client.set("t:a:old.test", json.dumps({"schema": SCHEMA + 1, "assessment": {}}))
+    cache.client.set("t:a:junk.test", b"\xff not json")
+    assert cache.get("old.test") == (State.MISS, None)
+    assert cache.get("junk.test") == (State.MISS, None)
+
+
+def test_flush_and_list_touch_only_our_prefix(cache: RedisCache) -> None:
+    for name in ("a.test", "b.test", "c.test"):
+        cache.put(assessment(name, "encrypted"))
+    cache.client.set("other:a:a.test", "kept")
+    assert sorted(d for d, _e in cache.items()) == ["a.test", "b.test", "c.test"]
+    assert cache.flush("b.test") == 1
+    assert cache.flush("b.test") == 0
+    assert cache.flush() == 2
+    assert list(cache.items()) == []
+    assert cache.client.get("other:a:a.test") == b"kept"
+
+
+def test_requests_are_queued_once_and_bounded(server: LabRedis) -> None:
+    settings = settings_for(server.url)
+    settings = dataclasses.replace(settings, worker=dataclasses.replace(settings.worker,
+                                                                         queue_max=2))
+    cache = RedisCache(settings)
+    cache.client.flushdb()
+    requests = ProbeRequests(settings, cache.client, cache.health)
+    try:
+        assert requests.request("one.test")
+        assert requests.request("one.test")  # already waiting: not queued again
+        assert requests.length() == 1
+        assert requests.request("two.test")
+        assert not requests.request("three.test")  # the bound: dropped and counted
+        assert requests.length() == 2
+        assert cache.stats().overflow == 1
+        # Every key tlsmilter wrote carries the prefix, and the per-domain ones a TTL.
+        keys = sorted(k.decode() for k in cache.client.keys("*"))
+        assert keys == ["t:overflow", "t:probes", "t:queued:one.test", "t:queued:two.test"]
+        assert cache.client.pttl("t:queued:one.test") > 0
+        # a later request for a dropped domain gets in once there is room
+        cache.client.delete("t:probes", "t:queued:one.test")
+        assert requests.request("three.test") and requests.length() == 1
+    finally:
+        cache.client.close()
+
+
+def test_unix_socket_url(server: LabRedis) -> None:
+    cache = RedisCache(settings_for(f"unix://{server.socket_path}?db=0"))
+    try:
+        cache.put(assessment("unix.test", "dane"))
+        assert cache.get("unix.test")[0] is State.HIT
+    finally:
+        cache.client.close()
+
+
+def test_tls_url_with_a_private_ca(workdir: Path) -> None:
+    ca = LabCA(workdir / "ca")
+    issued = ca.issue("localhost", Cert.CA)
+    server = LabRedis(workdir / "tls", tls=(str(issued.cert_file), str(issued.key_file)))
+    server.start()
+    try:
+        url = f"rediss://localhost:{server.port}/0"
+        cache = RedisCache(settings_for(url, ca_file=str(ca.ca_file)))
+        cache.put(assessment("tls.test", "dane"))
+        assert cache.get("tls.test")[0] is State.HIT
+        cache.client.close()
+        # Without the CA the server's certificate is not trusted: an outage, not a crash.
+        untrusted = RedisCache(settings_for(url))
+        with pytest.raises(CacheUnavailable, match="certificate verify failed"):
+            untrusted.get("tls.test")
+        untrusted.client.close()
+    finally:
+        server.stop()
+
+
+def test_sentinel_finds_the_master(workdir: Path, server: LabRedis) -> None:
+    sentinel = LabSentinel(workdir / "sentinel", server)
+    sentinel.start()
+    try:
+        settings = settings_for("redis:///0", sentinels=[sentinel.address],
+                                sentinel_service=sentinel.service)
+        cache = RedisCache(settings)
+        cache.put(assessment("sentinel.test", "verified"))
+        # Written through the Sentinel-found master: the server itself has it.
+        assert redis.Redis.from_url(server.url).exists("t:a:sentinel.test")
+        assert cache.get("sentinel.test")[0] is State.HIT
+        cache.client.close()
+    finally:
+        sentinel.stop()
+
+
+def test_outage_fails_cleanly_logs_once_and_recovers(
+        workdir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    server = LabRedis(workdir / "outage")
+    server.start()
+    cache = RedisCache(settings_for(server.url, timeout=0.5))
+    try:
+        cache.put(assessment("up.test", "dane"))
+        server.stop()
+        caplog.set_level(logging.WARNING, logger="tlsmilter.rediscache")
+        for _ in range(3):
+            with pytest.raises(CacheUnavailable):
+                cache.get("up.test")
+        with pytest.raises(CacheUnavailable):
+            cache.put(assessment("up.test", "dane"))
+        assert not cache.health.up
+        down = [r for r in caplog.records if "unavailable" in r.getMessage()]
+        assert len(down) == 1, "one line per outage, not one per command"
+        server.start()  # empty again: Redis keeps nothing on disk here
+        assert cache.get("up.test") == (State.MISS, None)  # reconnected by itself
+        assert cache.health.up
+        assert sum("is back after" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        cache.client.close()
+        server.stop()
+
+
+def test_passwords_never_reach_messages() -> None:
+    assert redact("redis://:s3cret@db.example:6379/0") == "redis://:***@db.example:6379/0"
+    assert redact("rediss://user:s3cret@db.example/1") == "rediss://user:***@db.example/1"
+    assert redact("unix:///run/redis.sock") == "unix:///run/redis.sock"
+    health = Health(redact("redis://:s3cret@db.example:6379/0"))
+    error = health.failed(redis.ConnectionError("refused"))
+    assert "s3cret" not in str(error)
