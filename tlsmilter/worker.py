@@ -17,6 +17,7 @@ import secrets
 import signal
 import socket
 import time
+from collections.abc import Awaitable
 
 import redis
 
@@ -40,6 +41,8 @@ from tlsmilter.serve import sd_notify
 log = logging.getLogger(__name__)
 
 SLOT_RETRY = 0.2  # seconds between tries for a fleet-wide probe slot
+HANDLE_ATTEMPTS = 5  # tries of one request while Redis commands fail
+HANDLE_RETRY = 1.0  # seconds between them
 QUEUE_GAUGE_EVERY = 5.0  # seconds between updates of the queue-length gauge
 
 
@@ -123,21 +126,31 @@ class Worker:
             log.warning("dropping probe request for %r: %s", requested, exc)
             await self._quietly(self.queue.finish(entry_id, requested, done=True))
             return
-        try:
-            if not await self.queue.lock(domain):
-                # Another worker probes it right now. Leave the entry pending: it is taken
-                # over later, and then finds the fresh result and is simply acknowledged.
-                return
+        for attempt in range(1, HANDLE_ATTEMPTS + 1):
             try:
-                await self._probe_locked(entry_id, domain)
-            finally:
-                await self.queue.unlock(domain)
-        except redis.RedisError as exc:
-            # The entry stays pending; a worker takes it over once Redis is back.
-            self.health.failed(exc)
-        except Exception:
-            log.exception("probing %s failed", domain)
-            await self._quietly(self.queue.finish(entry_id, domain, done=True))
+                await self._handle_once(entry_id, domain)
+                return
+            except redis.RedisError as exc:
+                # Often a pooled connection that died with a Redis restart: try again soon.
+                # After the last attempt the entry stays pending and is taken over later.
+                self.health.failed(exc)
+                if attempt == HANDLE_ATTEMPTS or self.stopping.is_set():
+                    return
+                await asyncio.sleep(HANDLE_RETRY)
+            except Exception:
+                log.exception("probing %s failed", domain)
+                await self._quietly(self.queue.finish(entry_id, domain, done=True))
+                return
+
+    async def _handle_once(self, entry_id: str, domain: str) -> None:
+        if not await self.queue.lock(domain):
+            # Another worker probes it right now. Leave the entry pending: it is taken over
+            # later, and then finds the fresh result and is simply acknowledged.
+            return
+        try:
+            await self._probe_locked(entry_id, domain)
+        finally:
+            await self._quietly(self.queue.unlock(domain))
 
     async def _probe_locked(self, entry_id: str, domain: str) -> None:
         keys = self.queue.keys
@@ -166,9 +179,9 @@ class Worker:
         await self.queue.finish(entry_id, domain, done=True)
         log.info("assessed %s: %s", domain, assessment.get("level"))
 
-    async def _quietly(self, operation: asyncio.Future[object] | object) -> None:
+    async def _quietly(self, operation: Awaitable[object]) -> None:
         try:
-            await operation  # type: ignore[misc]  # any awaitable
+            await operation
         except redis.RedisError as exc:
             self.health.failed(exc)
 

@@ -7,12 +7,14 @@ lines and what the daemon said about Redis.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tests.lab.lab import Lab
 
@@ -22,34 +24,33 @@ PROBER_EHLO = "prober.lab.invalid"  # how lab SMTP servers tell probes from deli
 
 
 def write_config(path: Path, lab: Lab, sockets: Path, *, redis_url: str | None = None,
-                 extra: str = "") -> Path:
-    """A config for the lab: sockets in ``sockets``, Redis backend when ``redis_url``."""
-    backend = f'[cache]\nbackend = "redis"\n[redis]\nurl = "{redis_url}"\n' if redis_url else ""
-    path.write_text(f"""
-[milter]
-socket = "unix:{sockets / 'milter.sock'}"
-socket_mode = "0666"
-eom_wait = 1.0
-[policy_server]
-socket = "unix:{sockets / 'policy.sock'}"
-metrics_listen = ""
-[metrics]
-listen = ""
-[worker]
-metrics_listen = ""
-[prober]
-resolver = "{lab.resolver}"
-ca_file = "{lab.ca.ca_file}"
-ehlo_name = "{PROBER_EHLO}"
-[prober.timeouts]
-connect = 3.0
-smtp = 3.0
-tls = 3.0
-https = 3.0
-domain = 10.0
-[log]
-level = "debug"
-{backend}{extra}""")
+                 overrides: dict[str, dict[str, Any]] | None = None) -> Path:
+    """A config for the lab: sockets in ``sockets``, Redis backend when ``redis_url``.
+
+    ``overrides`` are merged table by table, e.g. ``{"prober.timeouts": {"domain": 2.0}}``.
+    """
+    tables: dict[str, dict[str, Any]] = {
+        "milter": {"socket": f"unix:{sockets / 'milter.sock'}", "socket_mode": "0666",
+                   "eom_wait": 1.0},
+        "policy_server": {"socket": f"unix:{sockets / 'policy.sock'}", "metrics_listen": ""},
+        "metrics": {"listen": ""},
+        "worker": {"metrics_listen": ""},
+        "prober": {"resolver": lab.resolver, "ca_file": str(lab.ca.ca_file),
+                   "ehlo_name": PROBER_EHLO},
+        "prober.timeouts": {"connect": 3.0, "smtp": 3.0, "tls": 3.0, "https": 3.0,
+                            "domain": 10.0},
+        "log": {"level": "debug"},
+    }
+    if redis_url:
+        tables["cache"] = {"backend": "redis"}
+        tables["redis"] = {"url": redis_url}
+    for table, values in (overrides or {}).items():
+        tables.setdefault(table, {}).update(values)
+    # JSON spells strings, numbers, booleans and lists of them as TOML does.
+    path.write_text("".join(
+        f"[{table}]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in
+                                  values.items())
+        for table, values in tables.items()))
     return path
 
 
@@ -82,6 +83,11 @@ class Daemon:
                 raise RuntimeError(f"tlsmilter {' '.join(self.command)} did not start:\n"
                                    f"{self.text()[-3000:]}")
             time.sleep(0.05)
+
+    def terminate(self) -> None:
+        """Send SIGTERM without waiting (stop several daemons at once, then ``stop()``)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
 
     def stop(self) -> None:
         """SIGTERM; the daemon must exit 0 (a clean drain), else the test fails."""
