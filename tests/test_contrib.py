@@ -208,31 +208,46 @@ def parameters(postconf_output: str) -> dict[str, str]:
 # --- 1. systemd ---------------------------------------------------------------------------------
 
 
-def verify_unit(unit_text: str, directory: Path) -> list[str]:
+UNITS = {"tlsmilter.service": "serve", "tlsmilter-policy.service": "policy-server",
+         "tlsmilter-worker@.service": "worker --metrics-listen 127.0.0.1:%i"}
+
+
+def verify_unit(unit_text: str, directory: Path, name: str = UNIT.name) -> list[str]:
     """``systemd-analyze verify`` a unit; return its complaints (empty when clean)."""
     analyze = need("systemd-analyze", "systemd")
-    unit = directory / UNIT.name
+    # A template is verified as one of its instances.
+    unit = directory / name.replace("@.", "@9465.")
     unit.write_text(unit_text)
     done = run(analyze, "verify", "--man=no", str(unit))
     output = (done.stdout + done.stderr).splitlines()
-    complaints = [line for line in output if UNIT.name in line]
+    complaints = [line for line in output if unit.name in line]
     if done.returncode != 0 and not complaints:
         complaints = output or [f"systemd-analyze verify exited {done.returncode}"]
     return complaints
 
 
-def with_venv_exec_start(text: str) -> str:
+def with_venv_exec_start(text: str, args: str = "serve") -> str:
     """The unit with ExecStart pointing at this venv's tlsmilter (verify needs it to exist)."""
     command = Path(sys.executable).parent / "tlsmilter"
     assert command.exists(), f"{command} missing: is the package installed in this venv?"
     lines = [line for line in text.splitlines() if line.startswith("ExecStart=")]
-    assert lines == ["ExecStart=/usr/local/bin/tlsmilter serve"], lines
+    assert lines == [f"ExecStart=/usr/local/bin/tlsmilter {args}"], lines
     return text.replace("ExecStart=/usr/local/bin/tlsmilter ", f"ExecStart={command} ")
 
 
-def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
-    complaints = verify_unit(with_venv_exec_start(UNIT.read_text()), tmp_path)
+@pytest.mark.parametrize("name", UNITS)
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path, name: str) -> None:
+    text = (ROOT / "systemd" / name).read_text()
+    complaints = verify_unit(with_venv_exec_start(text, UNITS[name]), tmp_path, name)
     assert not complaints, "\n".join(complaints)
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_every_daemon_is_notify_and_hardened_alike(name: str) -> None:
+    text = (ROOT / "systemd" / name).read_text()
+    assert "Type=notify" in text and "NotifyAccess=main" in text
+    hardening = UNIT.read_text().partition("# --- Hardening")[2].partition("[Install]")[0]
+    assert hardening.strip() and hardening in text
 
 
 def test_verify_harness_catches_a_broken_unit(tmp_path: Path) -> None:
