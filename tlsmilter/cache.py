@@ -7,11 +7,13 @@ are the ``check --json`` objects, so a Redis backend can store the same thing.
 from __future__ import annotations
 
 import enum
+import json
+import sys
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from tlsmilter import config, metrics
@@ -26,16 +28,75 @@ class State(enum.Enum):
     MISS = "miss"
 
 
-@dataclass(frozen=True)
+def _preset_dictionary() -> bytes:
+    """What most assessments share (key names, reason texts), as a zlib preset dictionary.
+
+    It halves the packed size of a typical assessment (measured: ~720 to ~330 bytes). It
+    only ever lives in this process's memory, so it may change from release to release.
+    """
+    from tlsmilter.assess.rating import reason_texts
+
+    reasons = "".join(json.dumps({"code": code.value, "severity": severity.value,
+                                  "text": text}, separators=(",", ":"))
+                      for code, (severity, text) in reason_texts().items())
+    mx = {"host": "", "preference": 10, "canonical": "", "addresses": [], "level": "verified",
+          "starttls": True, "tls_version": "TLSv1.3", "pkix_valid": True, "dane": "match",
+          "authenticated_by": ["dnssec", "mta-sts"], "tlsa": [], "tlsa_secure": True,
+          "probes": [{"address": "", "connected": True, "starttls": True,
+                      "tls_version": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384",
+                      "chain": [], "error": None}]}
+    skeleton = {"schema": 1, "domain": "", "level": "verified", "score": 50, "reasons": [],
+                "dnssec": True, "mta_sts": None, "mta_sts_detail": {
+                    "mode": "enforce", "record_id": "", "outcome": "ok",
+                    "detail": "mode enforce, max_age 86400", "mx": []},
+                "tlsrpt": False, "implicit_mx": False, "null_mx": False, "mx": [mx],
+                "assessed_at": "2026-01-01T00:00:00+00:00", "duration": 0.5}
+    # zlib prefers the most common strings at the end of the dictionary.
+    return (reasons + json.dumps(skeleton, separators=(",", ":"))).encode()
+
+
+_ZDICT = _preset_dictionary()
+
+
+def _pack(assessment: dict[str, Any]) -> bytes:
+    packer = zlib.compressobj(6, zdict=_ZDICT)
+    data = json.dumps(assessment, separators=(",", ":")).encode()
+    return packer.compress(data) + packer.flush()
+
+
+def _unpack(packed: bytes) -> dict[str, Any]:
+    unpacker = zlib.decompressobj(zdict=_ZDICT)
+    unpacked: dict[str, Any] = json.loads(unpacker.decompress(packed) + unpacker.flush())
+    return unpacked
+
+
 class Entry:
-    assessment: dict[str, Any]
-    stored_at: float
-    fresh_until: float
-    usable_until: float
+    """A cached assessment with its lifetimes (seconds on the owning cache's clock).
+
+    With ``pack`` the assessment is kept as zlib-compressed JSON: about 1 KiB per domain
+    instead of about 11 KiB as Python objects, so the memory backend holds 100k domains in
+    about 100 MB. The hot paths read only ``level``; ``assessment`` unpacks on demand (a
+    refusal text, a policy lookup).
+    """
+
+    __slots__ = ("_data", "fresh_until", "level", "stored_at", "usable_until")
+
+    def __init__(self, assessment: dict[str, Any], stored_at: float, fresh_until: float,
+                 usable_until: float, *, pack: bool = False) -> None:
+        self.level = sys.intern(str(assessment.get("level", UNKNOWN)))
+        self.stored_at = stored_at
+        self.fresh_until = fresh_until
+        self.usable_until = usable_until
+        self._data: dict[str, Any] | bytes = _pack(assessment) if pack else assessment
 
     @property
-    def level(self) -> str:
-        return str(self.assessment.get("level", UNKNOWN))
+    def assessment(self) -> dict[str, Any]:
+        if isinstance(self._data, bytes):
+            return _unpack(self._data)
+        return self._data
+
+    def __repr__(self) -> str:
+        return f"Entry(level={self.level!r}, stored_at={self.stored_at})"
 
 
 def lifetimes(level: str, settings: config.Cache) -> tuple[float, float]:
@@ -79,7 +140,7 @@ class MemoryCache:
     def put(self, assessment: dict[str, Any]) -> Entry:
         now = self._clock()
         ttl, grace = lifetimes(str(assessment.get("level", UNKNOWN)), self._settings)
-        entry = Entry(assessment, now, now + ttl, now + ttl + grace)
+        entry = Entry(assessment, now, now + ttl, now + ttl + grace, pack=True)
         with self._lock:
             self._entries[assessment["domain"]] = entry
             self._entries.move_to_end(assessment["domain"])

@@ -66,6 +66,11 @@ _TEXT: dict[Code, tuple[Severity, str]] = {
 }
 
 
+def reason_texts() -> dict[Code, tuple[Severity, str]]:
+    """Every reason code with its severity and text (before any detail is appended)."""
+    return dict(_TEXT)
+
+
 def reason(code: Code, host: str | None = None, detail: str = "") -> Reason:
     severity, text = _TEXT[code]
     return Reason(code, severity, f"{text} ({detail})" if detail else text, host)
