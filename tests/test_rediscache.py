@@ -27,6 +27,7 @@ from tlsmilter import config
 from tlsmilter.cache import State
 from tlsmilter.probequeue import ProbeRequests
 from tlsmilter.rediscache import SCHEMA, CacheUnavailable, Health, RedisCache, redact
+from tlsmilter.sharedengine import SharedEngine
 
 pytestmark = pytest.mark.lab
 
@@ -155,7 +156,7 @@ def test_requests_are_queued_once_and_bounded(server: LabRedis) -> None:
         # Every key tlsmilter wrote carries the prefix, and the per-domain ones a TTL.
         keys = sorted(k.decode() for k in cache.client.keys("*"))
         assert keys == ["t:overflow", "t:probes", "t:queued:one.test", "t:queued:two.test"]
-        assert cache.client.pttl("t:queued:one.test") > 0
+        assert all(cache.client.pttl(key) > 0 for key in keys), "every key has a TTL"
         # a later request for a dropped domain gets in once there is room
         cache.client.delete("t:probes", "t:queued:one.test")
         assert requests.request("three.test") and requests.length() == 1
@@ -289,3 +290,22 @@ def test_cache_command_explains_itself_without_redis(tmp_path: Path) -> None:
     done = run_cli(down, "cache", "list")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "unavailable" in done.stderr and ":pw@" not in done.stderr
+
+
+def test_a_lookup_close_to_expiry_queues_a_refresh(server: LabRedis) -> None:
+    clock = Clock()
+    settings = settings_for(server.url)
+    cache = RedisCache(settings, clock=clock)
+    cache.client.flushdb()
+    engine = SharedEngine(settings, cache=cache)  # not started: no listener needed here
+    try:
+        cache.put(assessment("busy.test", "dane"))
+        assert engine.lookup("busy.test")[0] is State.HIT
+        assert engine.requests.length() == 0  # fresh: nothing to do
+        clock.now = T0 + 550  # ttl 600, refresh_before 100: due, still served as a hit
+        assert engine.lookup("busy.test")[0] is State.HIT
+        assert engine.requests.length() == 1
+        assert engine.lookup("never.test") == (State.MISS, None)
+        assert engine.requests.length() == 2
+    finally:
+        cache.client.close()

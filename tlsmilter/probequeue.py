@@ -29,18 +29,23 @@ from tlsmilter.rediscache import Health, Keys
 
 log = logging.getLogger(__name__)
 
-# KEYS: marker, stream, overflow counter. ARGV: domain, marker TTL (ms), queue bound.
-# Returns 1 queued, 0 already queued or being probed, -1 dropped because the queue is full.
+# KEYS: marker, stream, overflow counter. ARGV: domain, marker TTL (ms), queue bound, idle
+# TTL (ms). Returns 1 queued, 0 already queued or being probed, -1 dropped: queue full.
+# The stream and the counter live while requests come; idle for IDLE_TTL they expire (the
+# workers recreate the group), so every key tlsmilter writes has a TTL.
 _ENQUEUE = """
 if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[2]) == false then return 0 end
 if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[3]) then
   redis.call('DEL', KEYS[1])
   redis.call('INCR', KEYS[3])
+  redis.call('PEXPIRE', KEYS[3], ARGV[4])
   return -1
 end
 redis.call('XADD', KEYS[2], '*', 'domain', ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return 1
 """
+IDLE_TTL = 7 * 86400.0  # seconds the queue and its counter outlive the last request
 
 # KEYS: lock. ARGV: owner token. Delete the lock only if we still hold it.
 _RELEASE = """
@@ -55,6 +60,7 @@ _ACQUIRE_SLOT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+redis.call('PEXPIREAT', KEYS[1], ARGV[3])
 return 1
 """
 
@@ -86,7 +92,7 @@ class ProbeRequests:
         k = self.keys
         result = self._health.call(lambda: self._script(
             keys=[k.queued(domain), k.stream, k.overflow],
-            args=[domain, self._marker_ms, self._bound]))
+            args=[domain, self._marker_ms, self._bound, int(IDLE_TTL * 1000)]))
         if result == -1:
             metrics.PROBE_QUEUE_OVERFLOW.inc()
             log.warning("probe queue full (%d waiting): %s not assessed now", self._bound, domain)
@@ -118,6 +124,8 @@ class WorkQueue:
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        # A stream made here has no TTL until the first request sets it.
+        await self.client.pexpire(self.keys.stream, int(IDLE_TTL * 1000), nx=True)
 
     async def read(self, count: int, block_ms: int) -> list[tuple[str, str]]:
         """New entries for this worker, as (entry id, domain)."""

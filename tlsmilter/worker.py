@@ -81,8 +81,10 @@ class Worker:
                 await self._update_gauge()
                 self.health.ok()
             except redis.RedisError as exc:
-                self.health.failed(exc)
                 grouped = False
+                if isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc):
+                    continue  # the idle queue expired, or Redis restarted empty: remake it
+                self.health.failed(exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), 1.0)
                 continue
