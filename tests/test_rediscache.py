@@ -25,8 +25,9 @@ from tests.lab.pki import LabCA
 from tests.lab.redis_server import LabRedis, LabSentinel
 from tlsmilter import config
 from tlsmilter.cache import State
+from tlsmilter.errors import CacheUnavailable
 from tlsmilter.probequeue import ProbeRequests
-from tlsmilter.rediscache import SCHEMA, CacheUnavailable, Health, RedisCache, redact
+from tlsmilter.rediscache import SCHEMA, Health, RedisCache, redact
 from tlsmilter.sharedengine import SharedEngine
 
 pytestmark = pytest.mark.lab

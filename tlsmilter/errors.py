@@ -36,3 +36,7 @@ class ConfigError(TlsmilterError):
 
 class UsageError(TlsmilterError):
     """Bad command-line input, e.g. an invalid domain name or resolver address."""
+
+
+class CacheUnavailable(TlsmilterError):
+    """The shared cache (Redis) could not be reached or failed; the caller must fail safe."""

@@ -20,6 +20,7 @@ from tlsmilter import config, metrics
 from tlsmilter.cache import Entry
 from tlsmilter.domains import InvalidDomain, normalize_domain
 from tlsmilter.engine import Assessments
+from tlsmilter.errors import CacheUnavailable
 from tlsmilter.levels import UNKNOWN, Level
 from tlsmilter.metrics import (
     INVALID_DOMAIN,
@@ -30,7 +31,6 @@ from tlsmilter.metrics import (
     Stage,
 )
 from tlsmilter.policy import Action, DomainStatus, Policy, Verdict, decide
-from tlsmilter.rediscache import CacheUnavailable
 from tlsmilter.sensitivity import classify
 
 log = logging.getLogger(__name__)

@@ -29,16 +29,12 @@ import redis.sentinel
 
 from tlsmilter import config, metrics
 from tlsmilter.cache import Entry, State, lifetimes
-from tlsmilter.errors import TlsmilterError
+from tlsmilter.errors import CacheUnavailable
 
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
 T = TypeVar("T")
-
-
-class CacheUnavailable(TlsmilterError):
-    """Redis could not be reached or answered with an error; the caller must fail safe."""
 
 
 def redact(url: str) -> str:

@@ -19,8 +19,9 @@ import redis
 
 from tlsmilter import config
 from tlsmilter.cache import Entry, State
+from tlsmilter.errors import CacheUnavailable
 from tlsmilter.probequeue import ProbeRequests
-from tlsmilter.rediscache import CacheUnavailable, RedisCache
+from tlsmilter.rediscache import RedisCache
 
 log = logging.getLogger(__name__)
 
