@@ -65,8 +65,7 @@ class Milter:
             daemon.start()
 
     def stop(self) -> None:
-        for daemon in (self.serve, *self.others):
-            daemon.stop()
+        daemons.stop_all((self.serve, *self.others))
 
     def decisions(self) -> list[str]:
         return self.serve.decisions()
@@ -100,11 +99,10 @@ def stack(lab: Lab, request: pytest.FixtureRequest) -> Iterator[tuple[LabPostfix
         postfix.start()
         yield postfix, milter
     finally:
-        postfix.stop()
-        milter.stop()
-        if redis is not None:
-            redis.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            daemons.stop_all([postfix, milter, *([redis] if redis else [])])
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def message(to: str, subject: str, sensitivity: str | None = "private",

@@ -87,12 +87,7 @@ def fleet() -> Iterator[Fleet]:
         try:
             yield running
         finally:
-            for thing in running.started:  # milters take seconds to stop: all at once
-                if isinstance(thing, Daemon):
-                    thing.terminate()
-            for thing in reversed(running.started):
-                thing.stop()
-            redis.stop()
+            daemons.stop_all([*reversed(running.started), redis])
     shutil.rmtree(workdir, ignore_errors=True)
 
 

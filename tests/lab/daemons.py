@@ -12,11 +12,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tests.lab.lab import Lab
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
 
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 15.0
@@ -135,3 +140,20 @@ def policy_server(config: Path, log: Path) -> Daemon:
 
 def worker(config: Path, log: Path) -> Daemon:
     return Daemon(["worker"], config, log, lambda d: d.said("worker "))
+
+
+def stop_all(things: Iterable[Stoppable]) -> None:
+    """Stop every one (daemons first signalled together, since serve takes seconds); a
+    failure to stop one cleanly is raised only after all the others were stopped too."""
+    things = list(things)
+    for thing in things:
+        if isinstance(thing, Daemon):
+            thing.terminate()
+    failure: BaseException | None = None
+    for thing in things:
+        try:
+            thing.stop()
+        except BaseException as exc:  # re-raised below, after the rest
+            failure = failure or exc
+    if failure is not None:
+        raise failure
