@@ -6,6 +6,7 @@ test moves the cache's clock instead of waiting.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -29,6 +30,7 @@ from tlsmilter.errors import CacheUnavailable
 from tlsmilter.probequeue import ProbeRequests
 from tlsmilter.rediscache import SCHEMA, Health, RedisCache, redact
 from tlsmilter.sharedengine import SharedEngine
+from tlsmilter.worker import Worker
 
 pytestmark = pytest.mark.lab
 
@@ -310,3 +312,31 @@ def test_a_lookup_close_to_expiry_queues_a_refresh(server: LabRedis) -> None:
         assert engine.requests.length() == 2
     finally:
         cache.client.close()
+
+
+def test_workers_take_turns_on_one_mx_address(server: LabRedis) -> None:
+    settings = settings_for(server.url)
+    order: list[str] = []
+
+    async def scenario() -> None:
+        first, second = Worker(settings), Worker(settings)
+        try:
+            await first.client.flushdb()
+            async with first.ip_guard("192.0.2.25"):
+                waiting = asyncio.create_task(enter(second, "second"))
+                await asyncio.sleep(0.3)
+                assert not order, "the second worker probed the address alongside the first"
+                order.append("first done")
+            await asyncio.wait_for(waiting, 5)
+            async with first.ip_guard("192.0.2.26"):  # another address: no waiting
+                order.append("other address")
+        finally:
+            await first.client.aclose()
+            await second.client.aclose()
+
+    async def enter(worker: Worker, name: str) -> None:
+        async with worker.ip_guard("192.0.2.25"):
+            order.append(name)
+
+    asyncio.run(scenario())
+    assert order == ["first done", "second", "other address"]

@@ -153,6 +153,14 @@ class WorkQueue:
         await cast(Awaitable[Any], self._release(keys=[self.keys.lock(domain)],
                                                  args=[self.consumer]))
 
+    async def ip_lock(self, address: str, ttl_ms: int) -> bool:
+        return bool(await self.client.set(self.keys.ip_lock(address), self.consumer, nx=True,
+                                          px=ttl_ms))
+
+    async def ip_unlock(self, address: str) -> None:
+        await cast(Awaitable[Any], self._release(keys=[self.keys.ip_lock(address)],
+                                                 args=[self.consumer]))
+
     async def acquire_slot(self, token: str, now_ms: int) -> bool:
         return bool(await cast(Awaitable[Any], self._acquire_slot(
             keys=[self.keys.slots], args=[token, now_ms, now_ms + self._lock_ms, self._limit])))

@@ -17,7 +17,7 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 
 import redis
 
@@ -41,6 +41,7 @@ from tlsmilter.serve import sd_notify
 log = logging.getLogger(__name__)
 
 SLOT_RETRY = 0.2  # seconds between tries for a fleet-wide probe slot
+IP_RETRY = 0.05  # seconds between tries for a fleet-wide MX address lock
 HANDLE_ATTEMPTS = 5  # tries of one request while Redis commands fail
 HANDLE_RETRY = 1.0  # seconds between them
 QUEUE_GAUGE_EVERY = 5.0  # seconds between updates of the queue-length gauge
@@ -61,9 +62,36 @@ class Worker:
         self._next_claim = 0.0
         self._next_gauge = 0.0
 
+    @contextlib.asynccontextmanager
+    async def ip_guard(self, address: str) -> AsyncIterator[None]:
+        """Fleet-wide politeness: one probe of an MX address at a time across all workers.
+
+        Best effort: while Redis fails, or after a quarter of the domain budget of waiting,
+        the probe goes ahead (an assessment is never lost to politeness). A lock lives at
+        most one domain budget, so a dead worker's lock is gone before its probe is taken
+        over (``worker.claim_after`` exceeds that budget).
+        """
+        timeouts = self.settings.prober.timeouts
+        hold_ms = int(min(timeouts.connect + 3 * timeouts.smtp + timeouts.tls,
+                          timeouts.domain) * 1000)
+        deadline = time.monotonic() + timeouts.domain / 4
+        held = False
+        while not held and time.monotonic() < deadline:
+            try:
+                held = await self.queue.ip_lock(address, hold_ms)
+            except redis.RedisError:
+                break
+            if not held:
+                await asyncio.sleep(IP_RETRY)
+        try:
+            yield
+        finally:
+            if held:
+                await self._quietly(self.queue.ip_unlock(address))
+
     async def run(self) -> None:
         if self.prober is None:
-            self.prober = Prober(self.settings.prober)
+            self.prober = Prober(self.settings.prober, ip_guard=self.ip_guard)
         metrics.WORKER_SLOTS.set(self.capacity)
         metrics.WORKER_SLOTS_BUSY.set(0)
         grouped = False

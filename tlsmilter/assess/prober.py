@@ -8,11 +8,13 @@ address are serialised: remote servers see at most one probe connection from us 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractAsyncContextManager
 
 from cryptography import x509
 
@@ -36,11 +38,20 @@ from tlsmilter.metrics import Check
 log = logging.getLogger(__name__)
 
 
+IpGuard = Callable[[str], AbstractAsyncContextManager[object]]
+
+
+def _no_guard(_address: str) -> AbstractAsyncContextManager[object]:
+    return contextlib.nullcontext()
+
+
 class Prober:
     """Assesses domains with one configuration; safe to share across tasks of one loop."""
 
     def __init__(self, settings: config.Prober, *, smtp_port: int = SMTP_PORT,
-                 https_port: int = 443) -> None:
+                 https_port: int = 443, ip_guard: IpGuard | None = None) -> None:
+        """``ip_guard(address)`` is held around each probe of an address besides this
+        prober's own per-address lock: workers use it to be polite fleet-wide."""
         self.settings = settings
         timeouts = settings.timeouts
         if settings.resolver:
@@ -54,6 +65,7 @@ class Prober:
         # address -> (lock, probes holding or waiting for it); dropped when the count is 0
         self._ip_locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._domain_slots = asyncio.Semaphore(settings.concurrency)
+        self._ip_guard = ip_guard
 
     async def assess_many(self, domains: Iterable[str]) -> list[Assessment]:
         """Assess domains concurrently, at most ``concurrency`` at a time, in input order."""
@@ -216,7 +228,7 @@ class Prober:
         lock, users = self._ip_locks.get(address) or (asyncio.Lock(), 0)
         self._ip_locks[address] = (lock, users + 1)
         try:
-            async with lock:
+            async with lock, (self._ip_guard or _no_guard)(address):
                 probe, chain = await probe_address(
                     address, host, ehlo_name=self.ehlo_name, port=self.smtp_port,
                     connect_timeout=timeouts.connect, smtp_timeout=timeouts.smtp,
