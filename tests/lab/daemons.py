@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tests.lab.lab import Lab
+from tests.lab.service import stop_process
 
 
 class Stoppable(Protocol):
@@ -99,13 +100,7 @@ class Daemon:
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
-        process.terminate()
-        try:
-            process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        assert process.returncode == 0, self.text()[-3000:]
+        assert stop_process(process, STOP_TIMEOUT) == 0, self.text()[-3000:]
 
     def kill(self) -> None:
         """SIGKILL: the daemon dies mid-work, as in a crash."""

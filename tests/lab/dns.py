@@ -34,7 +34,7 @@ import dns.rdatatype
 import dns.rrset
 
 from tests.lab.model import Dnssec
-from tests.lab.service import LabError, Service
+from tests.lab.service import LabError, Service, stop_process
 
 # Short TTLs so that tests which change zones at runtime do not fight stale caches.
 TTL = 30
@@ -98,14 +98,7 @@ class _Daemon:
         return "\n".join(parts)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, STOP_TIMEOUT)
 
 
 class DnsLab(Service):

@@ -9,7 +9,6 @@ as Grafana does; ``stop`` ends it by its PID.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import time
 import urllib.error
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.lab.redis_server import free_port
-from tests.lab.service import LabError, Service
+from tests.lab.service import LabError, Service, stop_process
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
@@ -101,14 +100,7 @@ class LabPrometheus(Service):
     def stop(self) -> None:
         """SIGTERM by PID, SIGKILL after a bound; idempotent."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=STOP_TIMEOUT)
+        stop_process(proc, STOP_TIMEOUT)
 
     # -- the HTTP API ---------------------------------------------------------------------
 

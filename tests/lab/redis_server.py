@@ -8,14 +8,13 @@ it back. Named ``redis_server`` so that it does not shadow the ``redis`` client 
 
 from __future__ import annotations
 
-import signal
 import socket
 import ssl
 import subprocess
 import time
 from pathlib import Path
 
-from tests.lab.service import LabError, Service
+from tests.lab.service import LabError, Service, stop_process
 
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
@@ -149,15 +148,7 @@ class LabRedis(Service):
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after a bound); idempotent."""
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=STOP_TIMEOUT)
+        stop_process(proc, STOP_TIMEOUT)
 
     def restart(self) -> None:
         """Stop and start again on the same port; the data is gone (no persistence)."""
@@ -211,10 +202,4 @@ class LabSentinel(Service):
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, STOP_TIMEOUT)

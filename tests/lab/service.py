@@ -1,7 +1,9 @@
-"""What every lab service shares: one error type and the start/stop context protocol."""
+"""What every lab service shares: one error type, the start/stop context protocol, and how
+a child process is stopped."""
 
 from __future__ import annotations
 
+import subprocess
 from types import TracebackType
 from typing import Self
 
@@ -26,3 +28,18 @@ class Service:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float) -> int | None:
+    """SIGTERM ``proc``, SIGKILL it if it outlives ``timeout``; its exit status (None: no
+    process). Idempotent: a process that already ended is only reaped."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+    return proc.returncode
