@@ -117,16 +117,16 @@ class MemoryCache:
 
     def get(self, domain: str) -> tuple[State, Entry | None]:
         started = time.perf_counter()
-        state, entry = self._get(domain)
+        now = self._clock()
+        state, entry = self._get(domain, now)
         metrics.CACHE_SECONDS.labels(backend=self.backend, op="get").observe(
             time.perf_counter() - started)
         metrics.CACHE_REQUESTS.labels(backend=self.backend, result=state.value).inc()
         if entry is not None:
-            metrics.ASSESSMENT_AGE.observe(max(0.0, self._clock() - entry.stored_at))
+            metrics.ASSESSMENT_AGE.observe(max(0.0, now - entry.stored_at))
         return state, entry
 
-    def _get(self, domain: str) -> tuple[State, Entry | None]:
-        now = self._clock()
+    def _get(self, domain: str, now: float) -> tuple[State, Entry | None]:
         with self._lock:
             entry = self._entries.get(domain)
             if entry is None:

@@ -235,9 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     fls.add_argument("domain", nargs="?", metavar="DOMAIN",
                      help="the domain to drop (default: all entries of this prefix)")
     cch_commands.add_parser("stats", help="entries by level, queue length, workers")
-    for sub in (get, lst, fls):
-        sub.set_defaults(handler=_cache)
-    cch_commands.choices["stats"].set_defaults(handler=_cache)
+    cch.set_defaults(handler=_cache)  # every ACTION: cachecmd dispatches on cache_command
 
     rep = commands.add_parser(
         "report",
