@@ -80,20 +80,29 @@ MASTER_SERVICES = (
 )
 
 
+def process_start(pid: int) -> int | None:
+    """Return the start time (clock ticks since boot) of the running process ``pid``, or None.
 
-
-def pid_alive(pid: int) -> bool:
-    """Tell whether ``pid`` is a running process.
-
-    A zombie counts as gone: the lab's daemons are reparented to PID 1 when the master exits,
-    and PID 1 here may take a while to reap them.
+    A zombie, or a process past the point of no return in exit, counts as gone: the lab's
+    daemons are reparented to PID 1 when the master exits, and PID 1 here may take a while to
+    reap them. The start time tells a process from a later one that reuses its PID.
     """
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):
-        return False
-    # The state follows the command name, which is in parentheses and may contain anything.
-    return raw[raw.rindex(")") + 2] != "Z"
+        return None
+    # The fields follow the command name, which is in parentheses and may contain anything:
+    # state is the first of them, starttime (field 22 of stat) the 20th.
+    fields = raw[raw.rindex(")") + 2:].split()
+    if fields[0] in ("Z", "X", "x"):
+        return None
+    return int(fields[19])
+
+
+def pid_alive(pid: int, started: int | None = None) -> bool:
+    """Tell whether ``pid`` is a running process (the same one, if ``started`` is given)."""
+    now = process_start(pid)
+    return now is not None and (started is None or now == started)
 
 
 def _tail(text: str, lines: int = 40) -> str:
@@ -135,6 +144,7 @@ class LabPostfix(Service):
         self.data_dir = self.workdir / "data"
         self.resolv_conf = self.workdir / "resolv.conf"
         self.maillog_file = self.workdir / "maillog"
+        self._seen: dict[int, int] = {}  # every process pids() found: PID -> start time
         self._write_config(extra_main or {}, extra_master or [])
         daemon_dir = self._run("postconf", "-c", str(self.config_dir), "-h", "daemon_directory")
         self.daemon_dir = Path(daemon_dir.stdout.strip())
@@ -341,7 +351,12 @@ class LabPostfix(Service):
         )
 
     def stop(self) -> None:
-        """Stop the instance and make sure none of its processes is left; idempotent."""
+        """Stop the instance and make sure none of its processes is left; idempotent.
+
+        Done means every process ``pids()`` ever found has ended, not only that it finds none
+        any more: an exiting daemon drops its working directory and executable (so ``pids()``
+        no longer sees it) a moment before it really ends.
+        """
         if self.running():
             # "postfix stop" waits up to 5 s itself, then kills the master's process group.
             subprocess.run(
@@ -350,22 +365,27 @@ class LabPostfix(Service):
                 timeout=COMMAND_TIMEOUT,
                 check=False,
             )
-        if self._wait_gone(STOP_TIMEOUT):
-            return
-        for pid in self.pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
         if not self._wait_gone(STOP_TIMEOUT):
-            raise LabError(f"Postfix processes survived SIGKILL: {self.pids()}")
+            for pid in self._left():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if not self._wait_gone(STOP_TIMEOUT):
+                raise LabError(f"Postfix processes survived SIGKILL: {self._left()}")
+        self._seen.clear()
+
+    def _left(self) -> list[int]:
+        """The instance's processes still running: found now, or found before and not ended."""
+        found = set(self.pids())
+        return sorted(found.union(pid for pid, started in self._seen.items()
+                                  if pid_alive(pid, started)))
 
     def _wait_gone(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        while self.pids():
+        while self._left():
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.05)
         return True
-
 
     # -- inspection --------------------------------------------------------------------
 
@@ -392,7 +412,8 @@ class LabPostfix(Service):
 
         They are recognised by what they are, not by remembered PIDs that may have been
         reused: a Postfix daemon program whose working directory is our queue directory
-        (every Postfix daemon works from there).
+        (every Postfix daemon works from there). Each is remembered with its start time, so
+        that ``stop()`` can wait for it to really end.
         """
         found = []
         for entry in Path("/proc").iterdir():
@@ -404,7 +425,10 @@ class LabPostfix(Service):
             except OSError:  # gone meanwhile, or a zombie: those have no working directory
                 continue
             if cwd == self.queue_dir and self._exe(pid).parent == self.daemon_dir:
-                found.append(pid)
+                started = process_start(pid)
+                if started is not None:
+                    self._seen[pid] = started
+                    found.append(pid)
         return sorted(found)
 
     @staticmethod

@@ -11,7 +11,7 @@ from tests.conftest import world_searchable_dir
 from tests.lab.lab import Lab
 from tests.lab.mail import message, submit
 from tests.lab.model import MX, Domain, Smtp, Tls
-from tests.lab.postfix import LabPostfix, pid_alive
+from tests.lab.postfix import LabPostfix, pid_alive, process_start
 
 pytestmark = pytest.mark.lab
 
@@ -44,10 +44,10 @@ def test_teardown_leaves_no_lab_process_or_listener() -> None:
             instance = LabPostfix(workdir / "postfix", listen=small.postfix_address,
                                   resolver=small.dns.resolver[0], ca_file=small.ca.ca_file)
             instance.start()
-            pids = small.pids() + instance.pids()
+            pids = {pid: process_start(pid) for pid in small.pids() + instance.pids()}
             listeners = [(s.address, s.port) for s in small.smtp.values()]
             instance.stop()
-        assert pids and not [pid for pid in pids if pid_alive(pid)]
+        assert pids and not [pid for pid, start in pids.items() if start and pid_alive(pid, start)]
         for address in listeners:
             with socket.socket() as probe, pytest.raises(ConnectionRefusedError):
                 probe.settimeout(2)

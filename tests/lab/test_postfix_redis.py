@@ -33,7 +33,7 @@ import dns.rrset
 import pytest
 import redis
 
-from tests.lab.postfix import LabPostfix, pid_alive
+from tests.lab.postfix import LabPostfix, pid_alive, process_start
 from tests.lab.redis_server import LabRedis
 from tests.lab.service import LabError
 
@@ -250,9 +250,10 @@ def test_stop_leaves_no_process(lab_root: Path) -> None:
         pids = postfix.pids()
         assert postfix.master_pid() in pids
         assert len(pids) > 1
+        started = {pid: process_start(pid) for pid in pids}
     finally:
         postfix.stop()
-    assert not any(pid_alive(pid) for pid in pids)
+    assert not [pid for pid, start in started.items() if start and pid_alive(pid, start)]
     assert not postfix.running()
     assert postfix.pids() == []
     postfix.stop()
