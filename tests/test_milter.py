@@ -97,16 +97,19 @@ def send(engine: Engine, settings: config.Config, rcpts: list[str],
     ctx._setsymval("{rcpt_mailer}", mailer)
     ctx._setsymval("i", "4QID1")
     assert ctx._connect() == Milter.CONTINUE
-    ctx._envfrom("<sender@example.org>")
+    # An MTA that can skip replies (TestCtx offers it, as Postfix does) gets none to MAIL,
+    # RCPT and headers; one that cannot gets CONTINUE.
+    silent = Milter.NOREPLY if ctx._protocol & Milter.P_NR_RCPT else Milter.CONTINUE
+    assert ctx._envfrom("<sender@example.org>") == silent
     for rcpt in rcpts:
-        assert ctx._envrcpt(rcpt) == Milter.CONTINUE
+        assert ctx._envrcpt(rcpt) == silent
     ctx._data()
     msg = email.message.Message()
     for name, value in headers:
         msg[name] = value
     ctx._msg = msg
     for name, value in headers:
-        ctx._header(name, value)
+        assert ctx._header(name, value) == silent
     ctx._eoh()
     return ctx._eom(), ctx
 
@@ -128,6 +131,25 @@ def test_sensitive_mail_to_secure_domains_is_routed(make_engine: Any) -> None:
     assert rc == Milter.ACCEPT
     assert ctx._msg[ROUTE_HEADER] == "verified"
     assert "dane.test=dane; verified.test=verified" in ctx._msg[ASSESSMENT_HEADER]
+
+
+def test_no_reply_to_mail_rcpt_and_headers_is_negotiated(make_engine: Any) -> None:
+    engine, _ = make_engine(DEFAULT)
+    _rc, ctx = send(engine, DEFAULT, ["<a@dane.test>"], SENSITIVE)
+    skipped = Milter.P_NR_MAIL | Milter.P_NR_RCPT | Milter.P_NR_HDR
+    assert ctx._protocol & skipped == skipped
+
+
+def test_an_mta_that_cannot_skip_replies_gets_continue(make_engine: Any,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    no_skipping = Milter.P_NR_MAIL | Milter.P_NR_RCPT | Milter.P_NR_HDR
+    monkeypatch.setattr(testctx.TestCtx, "default_opts",
+                        [Milter.CURR_ACTS, 0x1fffff & ~no_skipping, 0, 0])
+    engine, _ = make_engine(DEFAULT)
+    rc, ctx = send(engine, DEFAULT, ["<a@dane.test>", "<b@plain.test>"], SENSITIVE)
+    assert ctx._protocol & no_skipping == 0
+    assert rc == Milter.REJECT  # the recipients and headers were all seen
+    assert any("plain.test" in line for line in ctx._reply[2:])
 
 
 def test_sensitive_mail_to_a_weak_domain_is_rejected_naming_it(make_engine: Any) -> None:

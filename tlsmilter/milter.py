@@ -113,6 +113,17 @@ def _fail_safe(stage: str, timed: Stage) -> Callable[[F], F]:
     return wrap
 
 
+def _noreply(func: F) -> F:
+    """Postfix need not wait for this callback's answer: it is always CONTINUE.
+
+    Saves a round trip (and a wake-up of Postfix's cleanup or smtpd) per MAIL, RCPT and
+    header. pymilter turns the CONTINUE into NOREPLY once the MTA agreed to it at option
+    negotiation, and leaves it CONTINUE with an MTA that did not.
+    """
+    wrapped: F = Milter.noreply(func)
+    return wrapped
+
+
 class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
     """One instance per SMTP connection (libmilter calls it from one thread at a time)."""
 
@@ -130,12 +141,14 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         metrics.MILTER_SESSIONS.inc()
         metrics.MILTER_SESSIONS_ACTIVE.inc()
 
+    @_noreply
     @_fail_safe("MAIL FROM", Stage.MAIL)
     def envfrom(self, mailfrom: str, *params: str) -> int:
         self.msg = MessageState()
         self.failed = False
         return CONTINUE
 
+    @_noreply
     @_fail_safe("RCPT TO", Stage.RCPT)
     def envrcpt(self, to: str, *params: str) -> int:
         seen = self._recipient(to)
@@ -171,6 +184,7 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         # Overridden so Postfix's DATA-stage macro packet gets an answer (DESIGN pitfall).
         return CONTINUE
 
+    @_noreply
     @_fail_safe("header", Stage.HEADER)
     def header(self, name: str, value: str) -> int:
         lower = name.lower()
