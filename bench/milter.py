@@ -534,6 +534,15 @@ def report_postfix(runs: list[PostfixRun], ways: list[Way]) -> dict[str, float]:
             print(f"ratio {name}: {medians[name] / base_null:.2f} of null milter, "
                   f"{medians[name] / base_none:.2f} of no milter "
                   f"(target >= 0.90 of null milter)")
+    # The machine's speed drifts between rounds more than the ways differ, so compare each
+    # way with the null milter within a round (its four runs are back to back) as well.
+    rounds = [{r.way: r.rate for r in runs[i:i + len(ways)]}
+              for i in range(0, len(runs), len(ways))]
+    for name in ("tlsmilter, normal mail", "tlsmilter, sensitive mail"):
+        paired = [r[name] / r["null milter"] for r in rounds if name in r and "null milter" in r]
+        if paired:
+            print(f"ratio {name} to null milter within each round: median "
+                  f"{statistics.median(paired):.2f} ({', '.join(f'{x:.2f}' for x in paired)})")
     return medians
 
 
