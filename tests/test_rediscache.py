@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import logging
 import shutil
 import subprocess
 import sys
+import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -340,3 +343,64 @@ def test_workers_take_turns_on_one_mx_address(server: LabRedis) -> None:
 
     asyncio.run(scenario())
     assert order == ["first done", "second", "other address"]
+
+
+class SlowProber:
+    """Takes ``seconds`` per domain and records who probed what, and when."""
+
+    def __init__(self, name: str, seconds: float, log: list[tuple[str, str, float, float]]):
+        self.name = name
+        self.seconds = seconds
+        self.log = log
+
+    async def assess(self, domain: str) -> Any:
+        started = time.monotonic()
+        await asyncio.sleep(self.seconds)
+        self.log.append((self.name, domain, started, time.monotonic()))
+        return types.SimpleNamespace(to_json=lambda: assessment(domain, "verified"))
+
+
+def test_a_domain_waiting_for_a_fleet_slot_is_never_probed_twice(server: LabRedis) -> None:
+    # One fleet-wide slot, three domains of 1.5 s each: the last waits ~3 s for the slot,
+    # longer than its domain lock lives (2.5 s) and than a takeover needs (claim_after 3 s).
+    # A worker taking over that entry must neither probe alongside nor probe again.
+    settings = config.from_mapping({
+        "cache": {"backend": "redis"}, "redis": {"url": server.url, "prefix": "slots:"},
+        "prober": {"concurrency": 3, "timeouts": {"domain": 2.0}},
+        "worker": {"claim_after": 3.0, "fleet_concurrency": 1}})
+    domains = ["a.test", "b.test", "c.test"]
+    probes: list[tuple[str, str, float, float]] = []
+    cache = RedisCache(settings)
+    cache.client.flushdb()
+
+    async def scenario() -> None:
+        first = Worker(settings, prober=SlowProber("first", 1.5, probes))  # type: ignore[arg-type]
+        second = Worker(settings, prober=SlowProber("second", 1.5, probes))  # type: ignore[arg-type]
+        await first.queue.ensure_group()
+        requests = ProbeRequests(settings, cache.client, cache.health)
+        for domain in domains:
+            assert requests.request(domain)
+        running = [asyncio.create_task(first.run())]
+        await asyncio.sleep(0.5)  # the first worker reads all three entries
+        running.append(asyncio.create_task(second.run()))
+        keys = first.queue.keys
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            pending = await first.client.xpending(keys.stream, keys.group)
+            if all(cache.get(d)[1] for d in domains) and not pending["pending"]:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.5)  # room for a late duplicate to show
+        for worker in (first, second):
+            worker.stop()
+        await asyncio.gather(*running)
+        for worker in (first, second):
+            await worker.client.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        cache.client.close()
+    assert sorted(d for _w, d, _s, _e in probes) == domains, probes
+    spans = sorted((start, end) for _w, _d, start, end in probes)
+    assert all(end <= later for (_s, end), (later, _e) in itertools.pairwise(spans)), probes

@@ -173,14 +173,23 @@ class Worker:
                 return
 
     async def _handle_once(self, entry_id: str, domain: str) -> None:
-        if not await self.queue.lock(domain):
-            # Another worker probes it right now. Leave the entry pending: it is taken over
-            # later, and then finds the fresh result and is simply acknowledged.
-            return
+        # The fleet-wide slot first, then the domain lock. The slot may take long to come;
+        # a domain lock held through that wait could expire before the probe ends, and a
+        # worker that took the entry over would then probe the domain at the same time.
+        token = f"{self.consumer}:{domain}"
+        while not await self.queue.acquire_slot(token, int(time.time() * 1000)):
+            await asyncio.sleep(SLOT_RETRY)
         try:
-            await self._probe_locked(entry_id, domain)
+            if not await self.queue.lock(domain):
+                # Another worker probes it right now. Leave the entry pending: it is taken
+                # over later, and then finds the fresh result and is simply acknowledged.
+                return
+            try:
+                await self._probe_locked(entry_id, domain)
+            finally:
+                await self._quietly(self.queue.unlock(domain))
         finally:
-            await self._quietly(self.queue.unlock(domain))
+            await self._quietly(self.queue.release_slot(token))
 
     async def _probe_locked(self, entry_id: str, domain: str) -> None:
         keys = self.queue.keys
@@ -190,9 +199,6 @@ class Worker:
                 and classify(stored, time.time()) is State.HIT):
             await self.queue.finish(entry_id, domain, done=True)  # done since it was asked for
             return
-        token = f"{self.consumer}:{domain}"
-        while not await self.queue.acquire_slot(token, int(time.time() * 1000)):
-            await asyncio.sleep(SLOT_RETRY)
         assert self.prober is not None
         metrics.WORKER_SLOTS_BUSY.inc()
         metrics.PROBES_IN_FLIGHT.inc()
@@ -201,7 +207,6 @@ class Worker:
         finally:
             metrics.WORKER_SLOTS_BUSY.dec()
             metrics.PROBES_IN_FLIGHT.dec()
-            await self._quietly(self.queue.release_slot(token))
         now = time.time()
         text, ttl_ms = encode(make_entry(assessment, now, self.settings.cache), now)
         await self.client.set(keys.assessment(domain), text, px=ttl_ms)
