@@ -24,7 +24,7 @@ from tests.lab import daemons, mail
 from tests.lab.daemons import Daemon
 from tests.lab.lab import Lab
 from tests.lab.model import Smtp, Tls
-from tests.lab.postfix import LabPostfix
+from tests.lab.postfix import MYHOSTNAME, LabPostfix
 from tests.lab.redis_server import LabRedis
 
 pytestmark = pytest.mark.lab
@@ -85,8 +85,10 @@ def stack(lab: Lab, request: pytest.FixtureRequest) -> Iterator[tuple[LabPostfix
     sockets = postfix.queue_dir / "tlsmilter"
     sockets.mkdir(parents=True, mode=0o755)
     redis = LabRedis(workdir / "redis") if request.param == "redis" else None
+    # Our own domain skipped, as docs/postfix.md recommends.
     config = daemons.write_config(workdir / "tlsmilter.toml", lab, sockets,
-                                  redis_url=redis.url if redis else None)
+                                  redis_url=redis.url if redis else None,
+                                  overrides={"milter": {"skip_domains": [MYHOSTNAME]}})
     others = []
     if redis is not None:
         others = [daemons.worker(config, workdir / "worker.log"),
@@ -166,6 +168,25 @@ def test_sensitive_mail_to_a_weaker_domain_is_refused_at_smtp_time(
     assert "plain.test: cannot receive mail securely enough: MX does not offer STARTTLS" in text
     assert len(postfix.queue()) == queued
     assert any("verdict=reject" in d and "failing=plain.test" in d for d in milter.decisions())
+
+
+@pytest.mark.parametrize("rcpt", ["<@plain.test>", f"<u%plain.test@{MYHOSTNAME}>",
+                                  f"<plain.test!u@{MYHOSTNAME}>"])
+def test_an_address_that_hides_its_destination_is_checked_where_it_goes(
+        lab: Lab, stack: tuple[LabPostfix, Milter], rcpt: str) -> None:
+    # Written to our own (skipped) domain or to none; Postfix routes each to plain.test.
+    postfix, _milter = stack
+    server = lab.server("plain")
+    before, queued = len(server.messages), len(postfix.queue())
+    with smtplib.SMTP(*postfix.submit, local_hostname="client.lab.invalid", timeout=30) as smtp:
+        smtp.ehlo()
+        smtp.mail(mail.SENDER)
+        assert smtp.docmd(f"RCPT TO:{rcpt}")[0] == 250
+        code, text = smtp.data(message("u@plain.test", "hidden destination").as_bytes())
+    assert code == 550
+    assert "plain.test: cannot receive mail securely enough" in text.decode()
+    assert len(postfix.queue()) == queued
+    assert len(server.messages) == before
 
 
 def test_unknown_domain_is_tempfailed_then_accepted_on_retry(

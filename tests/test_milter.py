@@ -90,11 +90,25 @@ def make_engine() -> Iterator[Any]:
         engine.stop()
 
 
+# What Postfix resolves a few recipients to ({rcpt_addr}, {rcpt_mailer}), as the lab's real
+# Postfix did (see test_e2e for the delivery side); the rest go to "smtp" with no {rcpt_addr}.
+RESOLVED = {
+    "<postmaster>": ("postmaster@ours.test", "local"),
+    "<user>": ("user@ours.test", "local"),
+    "<@plain.test>": ('""@plain.test', "smtp"),
+    "<u%plain.test@ours.test>": ("u@plain.test", "smtp"),
+    "<plain.test!u@ours.test>": ("u@plain.test", "smtp"),
+    "<@ours.test:u@plain.test>": ("u@plain.test", "smtp"),
+}
+
+
 def send(engine: Engine, settings: config.Config, rcpts: list[str],
-         headers: list[tuple[str, str]], mailer: str = "smtp") -> tuple[int, Ctx]:
+         headers: list[tuple[str, str]], mailer: str | None = "smtp",
+         resolved: dict[str, tuple[str, str]] = RESOLVED) -> tuple[int, Ctx]:
+    """Drive one message through the callbacks; ``mailer`` for recipients not in ``resolved``
+    (None: no macros, as non_smtpd_milters see it)."""
     Milter.factory = lambda: TlsMilter(engine, settings, policies_from(settings))
     ctx = Ctx()
-    ctx._setsymval("{rcpt_mailer}", mailer)
     ctx._setsymval("i", "4QID1")
     assert ctx._connect() == Milter.CONTINUE
     # An MTA that can skip replies (TestCtx offers it, as Postfix does) gets none to MAIL,
@@ -102,6 +116,9 @@ def send(engine: Engine, settings: config.Config, rcpts: list[str],
     silent = Milter.NOREPLY if ctx._protocol & Milter.P_NR_RCPT else Milter.CONTINUE
     assert ctx._envfrom("<sender@example.org>") == silent
     for rcpt in rcpts:
+        address, transport = resolved.get(rcpt, (None, mailer))
+        ctx._setsymval("{rcpt_addr}", address)
+        ctx._setsymval("{rcpt_mailer}", transport)
         assert ctx._envrcpt(rcpt) == silent
     ctx._data()
     msg = email.message.Message()
@@ -194,15 +211,62 @@ def test_local_and_skipped_recipients_are_not_checked(make_engine: Any) -> None:
     assert ctx._msg[ROUTE_HEADER] is None
 
 
-@pytest.mark.parametrize("rcpt", ["<user@[192.0.2.1]>", "<user@bad..domain>",
-                                  "<user@" + "x" * 300 + ">", "<@>", "<a@b@c.test>", "garbage"])
-def test_strange_recipients_never_crash(make_engine: Any, rcpt: str) -> None:
+@pytest.mark.parametrize(("rcpt", "expected", "named"), [
+    ("<user@[192.0.2.1]>", Milter.REJECT, "[192.0.2.1]: cannot receive mail securely enough: "
+                                          "an address literal has no MX to assess"),
+    ("<user@bad..domain>", Milter.REJECT, "bad..domain: cannot receive"),
+    ("<user@" + "x" * 300 + ">", Milter.REJECT, "too long"),
+    ("<@>", Milter.REJECT, "empty"),
+    ("garbage", Milter.REJECT, "garbage: cannot receive mail securely enough: the address "
+                               "names no domain (Postfix transport smtp)"),
+    ("<a@b@c.test>", Milter.TEMPFAIL, "c.test: transport security not known yet"),
+    ("<u@bücher.test>", Milter.TEMPFAIL, "xn--bcher-kva.test: transport security not known"),
+    ("<u@\udcff.test>", Milter.REJECT, "IDNA conversion failed"),
+])
+def test_strange_recipients_get_a_defined_outcome(make_engine: Any, rcpt: str, expected: int,
+                                                   named: str) -> None:
     engine, _ = make_engine(DEFAULT)
+    grown = deltas({"fail-safe": ("tlsmilter_fail_safe_total", {"reason": "callback_error"})})
     rc, ctx = send(engine, DEFAULT, [rcpt], SENSITIVE)
-    assert rc in (Milter.ACCEPT, Milter.REJECT, Milter.TEMPFAIL)
-    if "[" in rcpt:
-        assert rc == Milter.REJECT
-        assert any("address literal" in line for line in ctx._reply[2:])
+    assert rc == expected
+    assert any(named in line for line in ctx._reply[2:]), ctx._reply
+    assert grown() == {"fail-safe": 0}  # decided, not caught as an internal error
+
+
+@pytest.mark.parametrize("rcpt", ["<@plain.test>", "<u%plain.test@ours.test>",
+                                  "<plain.test!u@ours.test>", "<@ours.test:u@plain.test>"])
+def test_the_domain_postfix_resolved_is_checked_not_the_one_written(make_engine: Any,
+                                                                    rcpt: str) -> None:
+    # Each is addressed to our own (skipped) domain or to none, and goes to plain.test.
+    settings = config.from_mapping({"milter": {"skip_domains": ["ours.test"]}})
+    engine, _ = make_engine(settings)
+    rc, ctx = send(engine, settings, [rcpt], SENSITIVE)
+    assert rc == Milter.REJECT
+    assert any(line.startswith("plain.test: ") for line in ctx._reply[2:]), ctx._reply
+
+
+@pytest.mark.parametrize("rcpt", ["<u%plain.test@ours.test>", "<plain.test!u@ours.test>"])
+def test_without_postfix_macros_a_rerouting_address_is_not_trusted(make_engine: Any,
+                                                                   rcpt: str) -> None:
+    # sendmail(1) mail: Postfix passes the address as written and no transport; our own
+    # domain is skipped, yet Postfix would deliver these to plain.test.
+    settings = config.from_mapping({"milter": {"skip_domains": ["ours.test"]}})
+    engine, _ = make_engine(settings)
+    rc, ctx = send(engine, settings, [rcpt], SENSITIVE, mailer=None, resolved={})
+    assert rc == Milter.REJECT
+    assert any("may route elsewhere" in line for line in ctx._reply[2:]), ctx._reply
+    rc, _ctx = send(engine, settings, [rcpt], [("Subject", "normal mail")], mailer=None,
+                    resolved={})
+    assert rc == Milter.ACCEPT
+
+
+def test_without_postfix_macros_bare_names_are_local(make_engine: Any) -> None:
+    engine, prober = make_engine(DEFAULT, warm=False)
+    rc, ctx = send(engine, DEFAULT, ["<postmaster>", "<root>"], SENSITIVE, mailer=None,
+                   resolved={})
+    assert rc == Milter.ACCEPT
+    assert prober.calls == []
+    assert ctx._msg[ROUTE_HEADER] is None
 
 
 def test_forged_internal_headers_are_removed_from_any_message(make_engine: Any) -> None:

@@ -156,20 +156,33 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         return CONTINUE
 
     def _recipient(self, to: str) -> RecipientLevel:
-        """Note the recipient's domain and start its assessment; what was known of it."""
+        """Note the recipient's domain and start its assessment; what was known of it.
+
+        The domain comes from ``{rcpt_addr}``, the address as Postfix resolved it, when
+        Postfix sends it (smtpd does): the RCPT argument can hide where mail really goes
+        (``u%remote@ours``, ``remote!u@ours``, source routes), and ``<@remote>`` goes to
+        ``""@remote``. Without the macro (non_smtpd_milters) the argument is all there is.
+        """
         mailer = self.getsymval("{rcpt_mailer}")
         if mailer in self.local_transports:
             return RecipientLevel.LOCAL
-        address = to.strip().strip("<>")
+        address = (self.getsymval("{rcpt_addr}") or to).strip().strip("<>")
         local, at, raw_domain = address.rpartition("@")
-        if not at or not local:
-            return RecipientLevel.LOCAL  # "postmaster" and friends: local by definition
+        if not at:
+            if mailer is None:
+                return RecipientLevel.LOCAL  # "postmaster" and friends: Postfix adds $myorigin
+            # Postfix sends it to a non-local transport, yet it names no domain to assess.
+            return self._invalid(address, "the address names no domain "
+                                          f"(Postfix transport {mailer})")
+        if mailer is None and ("%" in local or "!" in local):
+            # Unresolved (non_smtpd_milters): Postfix's percent hack and bang paths may send
+            # u%remote@ours or remote!u@ours to remote, which only Postfix's resolver knows.
+            return self._invalid(address, "the address may route elsewhere than its domain "
+                                          "(% or ! in the local part)")
         try:
             domain = normalize_domain(raw_domain)
         except InvalidDomain as exc:
-            self.msg.recipients.setdefault(raw_domain.lower(), Recipient(
-                raw_domain, exc.why, RecipientLevel.INVALID))
-            return RecipientLevel.INVALID
+            return self._invalid(raw_domain, exc.why)
         if domain in self.skip_domains:
             return RecipientLevel.SKIPPED
         if domain in self.msg.recipients:
@@ -179,6 +192,11 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         seen = _SEEN.get(entry.level, RecipientLevel.UNKNOWN) if entry else RecipientLevel.PENDING
         self.msg.recipients[domain] = Recipient(domain, seen=seen)
         return seen
+
+    def _invalid(self, name: str, why: str) -> RecipientLevel:
+        """A recipient that cannot be assessed: ``none`` for sensitive mail, with ``why``."""
+        self.msg.recipients.setdefault(name.lower(), Recipient(name, why, RecipientLevel.INVALID))
+        return RecipientLevel.INVALID
 
     def data(self) -> int:
         # Overridden so Postfix's DATA-stage macro packet gets an answer (DESIGN pitfall).
