@@ -39,6 +39,10 @@ def test_empty_file_is_the_default() -> None:
         ({"prober": {"timeouts": {"dns": -1}}}, "prober.timeouts.dns: must be greater than 0"),
         ({"prober": {"timeouts": 5}}, "prober.timeouts: expected a table"),
         ({"log": {"level": "loud"}}, "log.level: expected one of"),
+        ({"policies": {"private": {"reply": ["x"] * 9}}},
+         "policies.private.reply: at most 8 lines, not 9"),
+        ({"policies": {"private": {"reply": ["x" * 201]}}},
+         "policies.private.reply: lines of at most 200 characters"),
     ],
 )
 def test_each_error_names_its_key(raw: dict[str, object], expected: str) -> None:

@@ -189,6 +189,23 @@ def test_an_address_that_hides_its_destination_is_checked_where_it_goes(
     assert len(server.messages) == before
 
 
+def test_a_refusal_for_many_domains_still_names_them(stack: tuple[LabPostfix, Milter]) -> None:
+    # More failing domains than a milter reply has lines (32): still a refusal naming them,
+    # not the fail-safe "could not check" (pymilter raised on the 33rd line).
+    postfix, _milter = stack
+    with smtplib.SMTP(*postfix.submit, local_hostname="client.lab.invalid", timeout=60) as smtp:
+        smtp.ehlo()
+        smtp.mail(mail.SENDER)
+        for i in range(40):
+            assert smtp.docmd(f"RCPT TO:<u@nowhere{i}.test>")[0] == 250
+        code, text = smtp.data(message("u@nowhere0.test", "forty domains").as_bytes())
+    lines = text.decode().splitlines()
+    assert code in (451, 550), lines
+    assert "nowhere0.test: " in lines[1]
+    assert lines[-1].endswith("more recipient domains fall short too")
+    assert len(lines) == 32
+
+
 def test_unknown_domain_is_tempfailed_then_accepted_on_retry(
         lab: Lab, stack: tuple[LabPostfix, Milter]) -> None:
     postfix, _milter = stack

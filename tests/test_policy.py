@@ -7,7 +7,7 @@ import pytest
 from tlsmilter import config
 from tlsmilter.levels import Level
 from tlsmilter.milter import policies_from
-from tlsmilter.policy import Action, DomainStatus, Policy, decide
+from tlsmilter.policy import MAX_EXTRA_LINES, MAX_REPLY_LINES, Action, DomainStatus, Policy, decide
 from tlsmilter.sensitivity import classify
 
 E, V, D, N = Level.ENCRYPTED, Level.VERIFIED, Level.DANE, Level.NONE
@@ -92,3 +92,21 @@ def test_classify(headers: list[tuple[str, str]], policy: str | None) -> None:
     chosen, _value = classify(headers, watched=WATCHED, values=VALUES,
                               fail_safe="confidential", policies=POLICIES)
     assert (chosen.name if chosen else None) == policy
+
+
+def test_a_reply_fits_the_milter_protocol_however_many_domains_fail() -> None:
+    extra = tuple(f"extra line {i}" for i in range(MAX_EXTRA_LINES))
+    policy = Policy("private", Level.VERIFIED, Action.REJECT, Action.TEMPFAIL, extra)
+    domains = [DomainStatus(f"d{i}.test", Level.NONE, "MX does not offer STARTTLS")
+               for i in range(40)]
+    verdict = decide(policy, domains)
+    assert len(verdict.reply) == MAX_REPLY_LINES
+    assert verdict.reply[-MAX_EXTRA_LINES:] == extra  # the configured lines always survive
+    named = [line for line in verdict.reply if line.startswith("d")]
+    assert named == [f"d{i}.test: cannot receive mail securely enough: MX does not offer "
+                     f"STARTTLS" for i in range(len(named))]
+    hidden = 40 - len(named)
+    assert verdict.reply[-MAX_EXTRA_LINES - 1] == (
+        f"... and {hidden} more recipient domains fall short too")
+    assert len(verdict.failing) == 40  # the log and metrics still get every one
+    assert len(decide(policy, domains[:23]).reply) == MAX_REPLY_LINES  # exactly fits

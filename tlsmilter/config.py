@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tlsmilter.errors import ConfigError, ConfigIssue
+from tlsmilter.policy import MAX_EXTRA_LINES
 
 DEFAULT_PATH = Path("/etc/tlsmilter/tlsmilter.toml")
 ENV_VAR = "TLSMILTER_CONFIG"
@@ -31,6 +32,15 @@ Check = Callable[[Any], str | None]
 
 def _positive(value: float) -> str | None:
     return None if value > 0 else "must be greater than 0"
+
+
+def _short_reply(lines: list[str]) -> str | None:
+    # libmilter sends at most 32 reply lines; the domain lines need most of them.
+    if len(lines) > MAX_EXTRA_LINES:
+        return f"at most {MAX_EXTRA_LINES} lines, not {len(lines)}"
+    if any(len(line) > 200 for line in lines):
+        return "lines of at most 200 characters (SMTP reply lines are short)"
+    return None
 
 
 def check_resolver(value: str) -> str | None:
@@ -223,7 +233,8 @@ class PolicySettings:
     on_unknown: ActionName = _opt(ActionName.TEMPFAIL, "Action when a domain could not be "
                                   "assessed (yet): tag, quarantine, tempfail or reject.")
     reply: list[str] = _opt([], "Extra lines appended to the SMTP reply, e.g. a link to a "
-                            "secure portal.")
+                            "secure portal (at most 8 lines of at most 200 characters).",
+                            _short_reply)
 
 
 DEFAULT_POLICIES = {

@@ -98,16 +98,23 @@ def decide(policy: Policy, domains: Sequence[DomainStatus], *, monitor: bool = F
     return Verdict(action, policy, failing, smtp_code=code, enhanced_code=xcode, reply=reply)
 
 
+# libmilter sends at most 32 lines in one SMTP reply (smfi_setmlreply).
+MAX_REPLY_LINES = 32
+MAX_EXTRA_LINES = 8  # policies.*.reply: the config check holds it to this
+
+
 def _reply_lines(policy: Policy, insecure: tuple[DomainStatus, ...],
                  unknown: tuple[DomainStatus, ...], sensitivity: str) -> tuple[str, ...]:
     marked = f"marked {sensitivity!r}" if sensitivity else "marked sensitive"
-    lines = [f"This message is {marked} and needs {policy.require.value} transport security; "
-             f"it was not sent."]
-    for d in insecure:
-        lines.append(f"{d.domain}: cannot receive mail securely enough"
-                     f"{': ' + d.why if d.why else ''}")
-    for d in unknown:
-        lines.append(f"{d.domain}: transport security not known yet"
-                     f"{': ' + d.why if d.why else ''}; try again later")
-    lines.extend(policy.reply)
-    return tuple(lines)
+    head = (f"This message is {marked} and needs {policy.require.value} transport security; "
+            f"it was not sent.")
+    domains = [f"{d.domain}: cannot receive mail securely enough"
+               f"{': ' + d.why if d.why else ''}" for d in insecure]
+    domains += [f"{d.domain}: transport security not known yet"
+                f"{': ' + d.why if d.why else ''}; try again later" for d in unknown]
+    extra = policy.reply[:MAX_EXTRA_LINES]
+    room = MAX_REPLY_LINES - 1 - len(extra)
+    if len(domains) > room:
+        hidden = len(domains) - (room - 1)
+        domains = [*domains[:room - 1], f"... and {hidden} more recipient domains fall short too"]
+    return (head, *domains, *extra)
