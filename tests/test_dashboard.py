@@ -34,6 +34,7 @@ from tests.lab.prometheus import LabPrometheus
 from tests.lab.redis_server import LabRedis, free_port
 from tests.test_e2e import CONTRIB, contrib_main, contrib_master
 from tlsmilter import metrics
+from tlsmilter.policyd import HEALTH_EVERY
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "contrib" / "grafana" / "tlsmilter.json"
@@ -201,6 +202,7 @@ def traffic(lab: Lab, postfix: LabPostfix, redis: LabRedis) -> None:
     redis.stop()
     try:
         assert send(postfix, f"r@{lab.domain('dnssec-ca')}", "private") == 451
+        time.sleep(HEALTH_EVERY + 1)  # long enough for the idle policy server to notice
     finally:
         redis.start()
 
@@ -315,6 +317,22 @@ def test_every_daemon_serves_metrics_that_promtool_accepts(observed: Observed) -
         checked = subprocess.run(["promtool", "check", "metrics"], input=text, text=True,
                                  capture_output=True, timeout=30, check=False)
         assert checked.returncode == 0, (name, checked.stdout + checked.stderr)
+
+
+@pytest.mark.lab
+def test_every_redis_daemon_sees_redis_back_without_traffic(observed: Observed) -> None:
+    # Redis came back at the end of the traffic; no lookup has been made since.
+    for name in ("redis", "worker", "policy"):
+        deadline = time.monotonic() + 15
+        while True:
+            with urllib.request.urlopen(observed.metrics_urls[name], timeout=5) as reply:  # noqa: S310
+                text = reply.read().decode()
+            outages = re.search(r"^tlsmilter_redis_outages_total (\S+)$", text, re.MULTILINE)
+            assert outages and float(outages.group(1)) >= 1, name  # it did see the outage
+            if re.search(r"^tlsmilter_redis_up 1\.0$", text, re.MULTILINE):
+                break
+            assert time.monotonic() < deadline, f"{name} still reports Redis down"
+            time.sleep(0.5)
 
 
 @pytest.mark.lab

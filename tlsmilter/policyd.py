@@ -8,6 +8,7 @@ answer gets ``TEMP``: Postfix defers the delivery and tries again, never weakeni
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from pathlib import Path
@@ -20,6 +21,8 @@ from tlsmilter.rediscache import RedisCache, describe
 from tlsmilter.serve import sd_notify
 
 log = logging.getLogger(__name__)
+
+HEALTH_EVERY = 5.0  # seconds between Redis pings while no lookups come
 
 
 def run_policy_server(settings: config.Config) -> int:
@@ -53,7 +56,11 @@ def run_policy_server(settings: config.Config) -> int:
         log.info("policy server on %s answering from %s", path, describe(settings.redis))
         sd_notify("READY=1")
         try:
-            await stop.wait()
+            # Deliveries may be rare: ping so that an outage, and its end, show while idle.
+            while not stop.is_set():
+                await asyncio.to_thread(cache.check)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), HEALTH_EVERY)
         finally:
             sd_notify("STOPPING=1")
             await server.stop()

@@ -282,6 +282,14 @@ class RedisCache:
         """Whether a fresh ``entry`` is close enough to expiry to be re-assessed now."""
         return self._clock() >= entry.fresh_until - self._settings.refresh_before
 
+    def check(self) -> bool:
+        """Ping Redis: keeps ``health`` (and tlsmilter_redis_up) current while idle."""
+        try:
+            self.health.call(self.client.ping)
+        except CacheUnavailable:
+            return False
+        return True
+
     def put(self, assessment: dict[str, Any]) -> Entry:
         started = time.perf_counter()
         now = self._clock()

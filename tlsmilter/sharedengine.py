@@ -105,6 +105,9 @@ class SharedEngine:
                 ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(channel)
+                # The subscription is a connection that notices an outage while the milter
+                # is idle, and its return ends one: tlsmilter_redis_up stays true either way.
+                self.cache.health.ok()
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=POLL)
                     if message and message.get("type") == "message":
@@ -112,6 +115,9 @@ class SharedEngine:
                         self._notify(data.decode() if isinstance(data, bytes) else str(data))
             except (redis.RedisError, OSError) as exc:
                 self.cache.health.failed(exc)
+                self._stop.wait(LISTEN_RETRY)
+            except Exception:  # a bug must not end the listener: waits would only poll
+                log.exception("the assessment listener failed; starting it again")
                 self._stop.wait(LISTEN_RETRY)
             finally:
                 try:
