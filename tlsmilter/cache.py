@@ -116,6 +116,7 @@ class MemoryCache:
         self._lock = threading.Lock()
         # Labelled series resolved once: get() runs several times per message.
         self._get_seconds = metrics.CACHE_SECONDS.labels(backend=self.backend, op="get")
+        self._put_seconds = metrics.CACHE_SECONDS.labels(backend=self.backend, op="put")
         self._requests = {state: metrics.CACHE_REQUESTS.labels(backend=self.backend,
                                                                result=state.value)
                           for state in State}
@@ -142,6 +143,7 @@ class MemoryCache:
         return (State.HIT if now < entry.fresh_until else State.STALE), entry
 
     def put(self, assessment: dict[str, Any]) -> Entry:
+        started = time.perf_counter()
         now = self._clock()
         ttl, grace = lifetimes(str(assessment.get("level", UNKNOWN)), self._settings)
         entry = Entry(assessment, now, now + ttl, now + ttl + grace, pack=True)
@@ -150,6 +152,7 @@ class MemoryCache:
             self._entries.move_to_end(assessment["domain"])
             while len(self._entries) > self._settings.max_entries:
                 self._entries.popitem(last=False)
+        self._put_seconds.observe(time.perf_counter() - started)
         return entry
 
     def due(self, entry: Entry) -> bool:

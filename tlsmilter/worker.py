@@ -209,7 +209,10 @@ class Worker:
             metrics.PROBES_IN_FLIGHT.dec()
         now = time.time()
         text, ttl_ms = encode(make_entry(assessment, now, self.settings.cache), now)
+        started = time.perf_counter()
         await self.client.set(keys.assessment(domain), text, px=ttl_ms)
+        metrics.CACHE_SECONDS.labels(backend="redis", op="put").observe(
+            time.perf_counter() - started)
         await self.queue.announce(domain)
         await self.queue.finish(entry_id, domain, done=True)
         log.info("assessed %s: %s", domain, assessment.get("level"))
