@@ -117,6 +117,9 @@ def test_variables_select_datasource_job_and_instance() -> None:
         assert var["type"] == "query" and var["multi"] and var["includeAll"]
         assert var["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
         assert var["query"]["query"] == var["definition"]
+        # "All" must mean every value the query found (tlsmilter's jobs), not ".*": that
+        # would pull every other job in Prometheus into up{job=~"$job"}.
+        assert "allValue" not in var
     assert "$job" in variables["instance"]["definition"]
 
 
