@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 import re
 import shutil
 import smtplib
@@ -291,10 +292,11 @@ def test_every_panel_query_runs_and_shows_data(observed: Observed) -> None:
             # An error raises PromQLError, naming the query.
             result = observed.prometheus.query_range(substitute(target["expr"]),
                                                      observed.started, observed.ended, SCRAPE)
-            values += [float(v) for series in result for _t, v in series["values"]]
-        if not values:
-            empty.append(panel["title"])
-        elif panel["title"] in NONZERO and not any(v > 0 for v in values):
+            mine = [float(v) for series in result for _t, v in series["values"]]
+            if all(math.isnan(v) for v in mine):  # nothing, or quantiles of nothing
+                empty.append(f"{panel['title']}: {target.get('legendFormat', target['expr'])}")
+            values += mine
+        if panel["title"] in NONZERO and not any(v > 0 for v in values):
             zero.append(panel["title"])
     assert not empty and not zero, f"no data: {empty}; never above zero: {zero}"
 
