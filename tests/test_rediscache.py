@@ -404,3 +404,39 @@ def test_a_domain_waiting_for_a_fleet_slot_is_never_probed_twice(server: LabRedi
     assert sorted(d for _w, d, _s, _e in probes) == domains, probes
     spans = sorted((start, end) for _w, _d, start, end in probes)
     assert all(end <= later for (_s, end), (later, _e) in itertools.pairwise(spans)), probes
+
+
+def test_workers_leave_the_group_and_gone_ones_are_forgotten(server: LabRedis) -> None:
+    settings = settings_for(server.url)
+
+    async def scenario() -> None:
+        worker = Worker(settings, prober=SlowProber("w", 0.1, []))  # type: ignore[arg-type]
+        queue, client = worker.queue, worker.client
+        try:
+            await client.flushdb()
+            await queue.ensure_group()
+            keys = queue.keys
+
+            async def consumers() -> set[str]:
+                found = await client.xinfo_consumers(keys.stream, keys.group)
+                return {c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+                        for c in found}
+
+            # Two workers that died: one with an entry still pending, one without.
+            await client.xadd(keys.stream, {"domain": "held.test"})
+            await client.xreadgroup(keys.group, "dead-busy", {keys.stream: ">"}, count=1)
+            await client.xgroup_createconsumer(keys.stream, keys.group, "dead-idle")
+            assert await queue.forget_gone_consumers(0) == ["dead-idle"]
+            assert await consumers() == {"dead-busy"}  # its entry awaits a takeover
+            # A worker that stops cleanly leaves the group (it joins by reading an entry).
+            await client.xadd(keys.stream, {"domain": "fresh.test"})
+            running = asyncio.create_task(worker.run())
+            while worker.consumer not in await consumers():
+                await asyncio.sleep(0.05)
+            worker.stop()
+            await running
+            assert worker.consumer not in await consumers()
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())

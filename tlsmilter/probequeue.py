@@ -145,6 +145,37 @@ class WorkQueue:
             await self.client.xack(self.keys.stream, self.keys.group, *deleted)
         return claimed
 
+    async def forget_gone_consumers(self, idle_ms: int) -> list[str]:
+        """Remove consumers of workers that are gone: nothing pending, silent for ``idle_ms``.
+
+        Every worker process joins the group under a name of its own, so without this the
+        group would keep one consumer per worker ever started. One with entries pending is
+        kept: removing it would drop them before a takeover.
+        """
+        gone = [str(c["name"].decode() if isinstance(c["name"], bytes) else c["name"])
+                for c in await self.client.xinfo_consumers(self.keys.stream, self.keys.group)
+                if c["pending"] == 0 and c["idle"] >= idle_ms]
+        for name in gone:
+            if name != self.consumer:
+                await self.client.xgroup_delconsumer(self.keys.stream, self.keys.group, name)
+        return [name for name in gone if name != self.consumer]
+
+    async def leave(self) -> bool:
+        """Remove this worker's consumer from the group, unless it still has entries pending."""
+        try:
+            pending = await self.client.xpending_range(
+                self.keys.stream, self.keys.group, min="-", max="+", count=1,
+                consumername=self.consumer)
+            if pending:
+                return False
+            await self.client.xgroup_delconsumer(self.keys.stream, self.keys.group,
+                                                 self.consumer)
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                return True  # the idle queue expired: nothing to leave
+            raise
+        return True
+
     async def lock(self, domain: str) -> bool:
         return bool(await self.client.set(self.keys.lock(domain), self.consumer, nx=True,
                                           px=self._lock_ms))

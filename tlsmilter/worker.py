@@ -45,6 +45,9 @@ IP_RETRY = 0.05  # seconds between tries for a fleet-wide MX address lock
 HANDLE_ATTEMPTS = 5  # tries of one request while Redis commands fail
 HANDLE_RETRY = 1.0  # seconds between them
 QUEUE_GAUGE_EVERY = 5.0  # seconds between updates of the queue-length gauge
+# A consumer silent this long with nothing pending is a worker that is gone. A live worker
+# reads the queue every fraction of redis.timeout, so an hour only spares idle-time slop.
+CONSUMER_GONE_AFTER = 3600.0
 
 
 class Worker:
@@ -127,6 +130,9 @@ class Worker:
         if now < self._next_claim:
             return []
         self._next_claim = now + max(1.0, self.settings.worker.claim_after / 4)
+        gone = await self.queue.forget_gone_consumers(int(CONSUMER_GONE_AFTER * 1000))
+        if gone:
+            log.info("removed %d worker(s) gone from the queue: %s", len(gone), ", ".join(gone))
         claimed = await self.queue.claim(count)
         if claimed:
             log.info("took over %d probe(s) from a worker that stopped answering: %s",
@@ -140,14 +146,15 @@ class Worker:
             metrics.PROBE_QUEUE_LENGTH.set(await self.client.xlen(self.queue.keys.stream))
 
     async def _drain(self) -> None:
-        if not self._tasks:
-            return
-        log.info("stopping: waiting for %d running probe(s)", len(self._tasks))
-        _done, pending = await asyncio.wait(self._tasks,
-                                            timeout=self.settings.prober.timeouts.domain)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        if self._tasks:
+            log.info("stopping: waiting for %d running probe(s)", len(self._tasks))
+            _done, pending = await asyncio.wait(self._tasks,
+                                                timeout=self.settings.prober.timeouts.domain)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        # Leave the group, unless entries are still pending: another worker takes those over.
+        await self._quietly(self.queue.leave())
 
     async def _handle(self, entry_id: str, requested: str) -> None:
         try:
