@@ -14,6 +14,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import types
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from tests.conftest import world_searchable_dir
 from tests.lab.model import Cert
 from tests.lab.pki import LabCA
 from tests.lab.redis_server import LabRedis, LabSentinel
-from tlsmilter import config
+from tlsmilter import config, metrics
 from tlsmilter.cache import State
 from tlsmilter.errors import CacheUnavailable
 from tlsmilter.probequeue import ProbeRequests
@@ -440,3 +441,61 @@ def test_workers_leave_the_group_and_gone_ones_are_forgotten(server: LabRedis) -
             await client.aclose()
 
     asyncio.run(scenario())
+
+
+def redis_up() -> float:
+    value = metrics.REGISTRY.get_sample_value("tlsmilter_redis_up")
+    assert value is not None
+    return value
+
+
+def test_a_milter_started_while_redis_is_down_fails_safe_and_recovers_idle(
+        workdir: Path) -> None:
+    server = LabRedis(workdir / "late")  # not running yet
+    engine = SharedEngine(settings_for(server.url, timeout=0.5))
+    engine.start()
+    try:
+        with pytest.raises(CacheUnavailable):
+            engine.lookup("a.test")
+        assert redis_up() == 0
+        server.start()
+        # No lookup: the listener's resubscription alone notices that Redis is back.
+        deadline = time.monotonic() + 10
+        while not engine.cache.health.up:
+            assert time.monotonic() < deadline, "Redis back, still reported down"
+            time.sleep(0.1)
+        assert redis_up() == 1
+        assert engine.lookup("a.test") == (State.MISS, None)
+        assert engine.requests.length() == 1  # queued for the workers
+    finally:
+        engine.stop()
+        engine.cache.client.close()
+        server.stop()
+
+
+def test_a_waiting_milter_is_woken_by_the_notice_not_the_poll(
+        server: LabRedis, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("tlsmilter.sharedengine.POLL", 30.0)  # polling alone would miss it
+    settings = settings_for(server.url)
+    engine = SharedEngine(settings)
+    engine.cache.client.flushdb()
+    engine.start()
+    try:
+        time.sleep(0.5)  # the listener subscribes
+        waited: list[float] = []
+        waiter = threading.Thread(target=lambda: waited.append(timed_wait(engine)))
+        waiter.start()
+        time.sleep(0.3)  # the callback thread is waiting
+        engine.cache.put(assessment("woken.test", "dane"))  # as a worker stores it ...
+        engine.cache.client.publish(engine.cache.keys.assessed, "woken.test")  # ... and tells
+        waiter.join(timeout=25)
+        assert waited and waited[0] < 10, waited  # ended by the notice, long before 20 s
+    finally:
+        engine.stop()
+        engine.cache.client.close()
+
+
+def timed_wait(engine: SharedEngine) -> float:
+    started = time.monotonic()
+    engine.wait(["woken.test"], 20.0)
+    return time.monotonic() - started

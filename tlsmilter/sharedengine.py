@@ -26,6 +26,7 @@ from tlsmilter.rediscache import RedisCache
 log = logging.getLogger(__name__)
 
 POLL = 0.25  # seconds between cache re-reads of a waiting callback
+LISTEN_TICK = 0.25  # seconds between the listener's looks at whether it should stop
 LISTEN_RETRY = 1.0  # seconds between attempts to resubscribe while Redis is down
 
 
@@ -109,7 +110,7 @@ class SharedEngine:
                 # is idle, and its return ends one: tlsmilter_redis_up stays true either way.
                 self.cache.health.ok()
                 while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=POLL)
+                    message = pubsub.get_message(timeout=LISTEN_TICK)
                     if message and message.get("type") == "message":
                         data = message["data"]
                         self._notify(data.decode() if isinstance(data, bytes) else str(data))
