@@ -277,9 +277,17 @@ def test_forged_internal_headers_are_removed_from_any_message(make_engine: Any) 
     assert ctx._msg[ROUTE_HEADER] is None and ctx._msg[ASSESSMENT_HEADER] is None
 
 
-def test_tls_required_no_is_removed_from_sensitive_mail(make_engine: Any) -> None:
-    engine, _ = make_engine(DEFAULT)
-    rc, ctx = send(engine, DEFAULT, ["<a@dane.test>"], [*SENSITIVE, ("TLS-Required", "No")])
+@pytest.mark.parametrize(("settings", "rcpt"), [
+    ({}, "<a@dane.test>"),  # accepted
+    ({"milter": {"monitor": True}}, "<a@plain.test>"),  # tagged
+    ({"policies": {"private": {"on_insecure": "quarantine"}}}, "<a@plain.test>"),  # held
+])
+def test_tls_required_no_is_removed_from_sensitive_mail(make_engine: Any,
+                                                        settings: dict[str, Any],
+                                                        rcpt: str) -> None:
+    configured = config.from_mapping(settings)
+    engine, _ = make_engine(configured)
+    rc, ctx = send(engine, configured, [rcpt], [*SENSITIVE, ("TLS-Required", "No")])
     assert rc == Milter.ACCEPT
     assert ctx._msg["TLS-Required"] is None
 

@@ -82,6 +82,9 @@ WATCHED = ["X-Sensitivity", "Sensitivity"]
         # unrecognised non-empty value: the fail-safe policy, never "not sensitive"
         ([("X-Sensitivity", "secret-ish")], "confidential"),
         ([("X-Sensitivity", "\u00fcberwichtig")], "confidential"),
+        ([("X-Sensitivity", "(confidential)")], "confidential"),  # a comment alone
+        ([("X-Sensitivity", '""')], "confidential"),
+        ([("X-Sensitivity", " \t ")], None),  # nothing at all: not a value
         # several headers: the strictest wins
         ([("X-Sensitivity", "personal"), ("Sensitivity", "private")], "private"),
         ([("Sensitivity", "private"), ("X-Sensitivity", "personal")], "private"),

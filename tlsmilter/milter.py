@@ -254,9 +254,12 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             log.exception("queue_id=%s internal error deciding a sensitive message", queue_id)
             metrics.fail_safe(_fail_safe_reason(exc, FailSafe.DECIDE_ERROR))
             return self._fail(queue_id, policy.name, sensitive=True)
-        self._count(policy.name, verdict.action)
-        for failing in verdict.failing:
-            metrics.refused_domain(self.msg.reason_codes.get(failing.domain, UNKNOWN))
+        try:  # the verdict is applied: counting it must not change it
+            self._count(policy.name, verdict.action)
+            for failing in verdict.failing:
+                metrics.refused_domain(self.msg.reason_codes.get(failing.domain, UNKNOWN))
+        except Exception:
+            log.exception("queue_id=%s internal error counting the decision", queue_id)
         return result
 
     def abort(self) -> int:
@@ -277,7 +280,8 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         if not sensitive:
             self._count(sensitivity, Action.ACCEPT)
             return ACCEPT
-        log.warning("decision queue_id=%s verdict=tempfail reason=internal_error", queue_id)
+        log.warning("decision queue_id=%s sensitivity=%s verdict=tempfail reason=internal_error",
+                    queue_id, sensitivity)
         self._count(sensitivity, Action.TEMPFAIL)
         self.setreply(*FAIL_SAFE_REPLY)
         return TEMPFAIL
@@ -339,9 +343,9 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         self.addheader(ASSESSMENT_HEADER,
                        f"policy={verdict.policy.name}; require={verdict.policy.require.value}; "
                        f"verdict={verdict.action.value}; {summary}")
+        for index in reversed(self.msg.tls_required_no):
+            self.chgheader(TLS_REQUIRED, index, "")  # RFC 8689 must not relax TLS for it
         if verdict.action is Action.ACCEPT:
-            for index in reversed(self.msg.tls_required_no):
-                self.chgheader(TLS_REQUIRED, index, "")  # RFC 8689 must not relax our TLS
             if statuses:
                 # FILTER moves every recipient to the secure transport, local ones too: only
                 # route when some recipient actually leaves this server.
@@ -359,7 +363,7 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
 
     def _log(self, queue_id: str, value: str, statuses: list[DomainStatus],
              verdict: Verdict) -> None:
-        levels = ",".join(f"{s.domain}:{s.level.value if s.level else UNKNOWN}"
+        levels = ",".join(f"{_printable(s.domain)}:{s.level.value if s.level else UNKNOWN}"
                           for s in statuses) or "-"
         codes = self.msg.reason_codes
         log.info(
@@ -368,9 +372,9 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             queue_id, _printable(value), verdict.policy.name, verdict.policy.require.value,
             verdict.action.value,
             f" would_be={verdict.would_be.value}" if verdict.would_be else "",
-            levels, ",".join(d.domain for d in verdict.failing) or "-",
-            ",".join(f"{d.domain}:{codes.get(d.domain, UNKNOWN)}" for d in verdict.failing)
-            or "-",
+            levels, ",".join(_printable(d.domain) for d in verdict.failing) or "-",
+            ",".join(f"{_printable(d.domain)}:{codes.get(d.domain, UNKNOWN)}"
+                     for d in verdict.failing) or "-",
         )
 
 

@@ -26,7 +26,9 @@ def classify(headers: Iterable[tuple[str, str]], *, watched: Iterable[str],
             continue
         value = _clean(raw)
         if not value:
-            continue
+            if not raw.strip():
+                continue
+            value = " ".join(raw.split()).lower()  # only a comment or quotes: unrecognised
         policy_name = values.get(value, fail_safe)
         if policy_name == NOT_SENSITIVE:
             continue
