@@ -182,7 +182,7 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         try:
             domain = normalize_domain(raw_domain)
         except InvalidDomain as exc:
-            return self._invalid(raw_domain, exc.why)
+            return self._invalid(raw_domain or address, exc.why)  # "<@>": name the address
         if domain in self.skip_domains:
             return RecipientLevel.SKIPPED
         if domain in self.msg.recipients:

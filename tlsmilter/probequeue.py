@@ -152,13 +152,14 @@ class WorkQueue:
         group would keep one consumer per worker ever started. One with entries pending is
         kept: removing it would drop them before a takeover.
         """
-        gone = [str(c["name"].decode() if isinstance(c["name"], bytes) else c["name"])
-                for c in await self.client.xinfo_consumers(self.keys.stream, self.keys.group)
-                if c["pending"] == 0 and c["idle"] >= idle_ms]
+        consumers = await self.client.xinfo_consumers(self.keys.stream, self.keys.group)
+        names = ((c, c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"]))
+                 for c in consumers)
+        gone = [name for c, name in names
+                if c["pending"] == 0 and c["idle"] >= idle_ms and name != self.consumer]
         for name in gone:
-            if name != self.consumer:
-                await self.client.xgroup_delconsumer(self.keys.stream, self.keys.group, name)
-        return [name for name in gone if name != self.consumer]
+            await self.client.xgroup_delconsumer(self.keys.stream, self.keys.group, name)
+        return gone
 
     async def leave(self) -> bool:
         """Remove this worker's consumer from the group, unless it still has entries pending."""
