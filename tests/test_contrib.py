@@ -25,6 +25,7 @@ from tests.lab.postfix import MASTER_SERVICES
 from tlsmilter import config
 from tlsmilter.levels import Level
 from tlsmilter.milter import ASSESSMENT_HEADER, ROUTE_HEADER, TAG_HEADER
+from tlsmilter.policyserver import STRICT_SUFFIX
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRIB = ROOT / "contrib" / "postfix"
@@ -460,7 +461,8 @@ def test_socket_paths_agree(postfix_dir: PostfixConfig) -> None:
     overrides = parameters(postfix_dir.check("-P"))
     endpoint, map_name = policy_map(overrides[f"{TRANSPORT}/unix/smtp_tls_policy_maps"])
     assert postfix_socket_path(unix_path(endpoint).as_posix(), queue_dir) == policy_sock
-    assert map_name == wanted.policy_server.map_name
+    # The strict variant: a domain tlsmilter cannot vouch for defers, never gets the floor.
+    assert map_name == wanted.policy_server.map_name + STRICT_SUFFIX
 
     unit = unit_settings()
     assert unit["ReadWritePaths"] == [str(socket_dir)]
@@ -501,6 +503,7 @@ def test_docs_alternative_uses_tlsmilters_defaults() -> None:
     milter_sock = unix_path(defaults.milter.socket)
     policy_sock = unix_path(defaults.policy_server.socket)
     assert f"unix:{milter_sock}" in alternative
-    assert f"socketmap:unix:{policy_sock}:{defaults.policy_server.map_name}" in alternative
+    assert (f"socketmap:unix:{policy_sock}:{defaults.policy_server.map_name}{STRICT_SUFFIX}"
+            in alternative)
     assert f"RuntimeDirectory={milter_sock.parent.name}" in alternative
     assert milter_sock.parent == policy_sock.parent == PurePosixPath("/run") / "tlsmilter"

@@ -393,6 +393,36 @@ def test_custom_map_name(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_strict_map_defers_what_the_plain_map_leaves_to_the_floor(tmp_path: Path) -> None:
+    sock = tmp_path / "policy.sock"
+    answers: list[str] = []
+    ASSESSMENTS["unknown.test"] = {"level": "unknown"}
+
+    async def scenario() -> None:
+        async with serving(sock, on_answer=answers.append), connect(sock) as client:
+            strict = b"tlspolicy-strict"
+            await client.send(b"".join(request(key, name=strict) for key in (
+                "dane.test", "enc.test", "none.test", "unknown.test", "nowhere.test",
+                "[dane.test]")) + request("none.test") + request("nowhere.test"))
+            assert await client.replies(8) == [
+                b"OK dane-only",
+                b"OK encrypt",
+                b"TEMP tlsmilter cannot vouch for none.test: assessed none",
+                b"TEMP tlsmilter cannot vouch for unknown.test: assessed unknown",
+                b"TEMP tlsmilter cannot vouch for nowhere.test: not assessed (again) yet",
+                b"NOTFOUND ",  # a [host] next hop was never assessed: not a domain to defer
+                b"NOTFOUND ",  # the plain map, as before
+                b"NOTFOUND ",
+            ]
+
+    try:
+        run(scenario())
+    finally:
+        del ASSESSMENTS["unknown.test"]
+    assert answers == ["dane-only", "encrypt", "temp", "temp", "temp", "notfound",
+                       "notfound", "notfound"]
+
+
 def test_lookup_failure_is_temp_and_logged_once(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     sock = tmp_path / "policy.sock"
@@ -587,6 +617,13 @@ def test_postmap_queries_the_server(tmp_path: Path) -> None:
             batch = await asyncio.to_thread(
                 postmap, "-", stdin="dane.test\nnowhere.test\nenc.test\n[dane.test]\n")
             assert batch.stdout == "dane.test\tdane-only\nenc.test\tencrypt\n"
+            # the strict map: a domain it cannot vouch for is a lookup error (Postfix defers)
+            strict = await asyncio.to_thread(
+                subprocess.run, ["postmap", "-c", str(config_dir), "-q", "none.test",
+                                 f"{table}-strict"],
+                capture_output=True, text=True, check=False, timeout=TEST_TIMEOUT)
+            assert (strict.returncode, strict.stdout) == (1, "")
+            assert "query error" in strict.stderr
 
     run(scenario())
     assert _etc_postfix_snapshot() == before

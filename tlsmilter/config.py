@@ -381,7 +381,8 @@ class PolicyServer:
 
     socket: str = _opt("unix:/run/tlsmilter/policy.sock", "Where it listens (`unix:/PATH`).",
                        lambda v: None if v.startswith("unix:/") else "expected unix:/PATH")
-    map_name: str = _opt("tlspolicy", "The socketmap name Postfix asks for.")
+    map_name: str = _opt("tlspolicy", "The socketmap name Postfix asks for (`NAME-strict`: "
+                         "TEMP instead of NOTFOUND).")
     socket_mode: str = _opt("0666", "File mode of the socket (Postfix's smtp client must reach "
                             "it).", _mode)
     metrics_listen: str = _opt(

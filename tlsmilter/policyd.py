@@ -19,6 +19,7 @@ from tlsmilter.errors import TlsmilterError
 from tlsmilter.policyserver import PolicyServer
 from tlsmilter.rediscache import RedisCache, describe
 from tlsmilter.serve import sd_notify
+from tlsmilter.sharedengine import SharedEngine
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +36,13 @@ def run_policy_server(settings: config.Config) -> int:
     metrics.init_labels(settings)
     stop_metrics = metrics.start_metrics_server(settings.policy_server.metrics_listen)
 
+    # The milter's lookup (without its listener): a missing or stale domain is queued for
+    # the workers, so a delivery the strict map deferred finds it assessed at its next try.
+    engine = SharedEngine(settings, cache=cache)
+
     async def lookup(domain: str) -> dict[str, Any] | None:
         # redis-py's blocking client in a thread: the same RedisCache the milter uses.
-        _state, entry = await asyncio.to_thread(cache.get, domain)
+        _state, entry = await asyncio.to_thread(engine.lookup, domain)
         return entry.assessment if entry else None
 
     async def main() -> None:

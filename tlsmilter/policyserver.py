@@ -7,7 +7,13 @@ Postfix asks, per next-hop domain, which TLS security level to enforce at delive
 The protocol (socketmap_table(5)): each request is one netstring ``<name> <key>``, each
 reply one netstring ``OK <data>``, ``NOTFOUND ``, ``TEMP <reason>``, ``TIMEOUT <reason>`` or
 ``PERM <reason>``; one connection carries many requests in turn. The answer comes from the
-cached assessment of the domain (``policy_for``); the server never probes by itself.
+cached assessment of the domain (``policy_for``); the server never waits for a probe.
+
+Two maps: ``tlspolicy`` (the configured name) answers NOTFOUND for a domain it cannot vouch
+for (not in the cache, assessed ``none`` or ``unknown``), leaving the transport's own level in
+force. ``tlspolicy-strict`` answers TEMP instead, so Postfix defers: that is the map for the
+transport of accepted sensitive mail, where such a domain means the assessment was lost (a
+restart of ``serve``, an expiry) or the domain got worse since the milter accepted the mail.
 
 ``dane-only`` and ``verify`` rely on Postfix's own DNSSEC lookups: they need
 ``smtp_dns_support_level = dnssec`` and a validating resolver, as DANE always does.
@@ -42,6 +48,9 @@ DEFAULT_MODE = 0o666  # access control belongs to the socket's directory, see Po
 
 AssessmentJson = Mapping[str, Any]
 Lookup = Callable[[str], AssessmentJson | Awaitable[AssessmentJson | None] | None]
+
+
+STRICT_SUFFIX = "-strict"  # <map_name>-strict: TEMP where the plain map says NOTFOUND
 
 
 class Answer(enum.Enum):
@@ -153,7 +162,9 @@ class PolicyServer:
     """Socketmap server on a unix socket, answering from ``lookup(domain)``.
 
     ``lookup`` gets a normalised domain and returns its cached assessment (the ``to_json``
-    dict) or None; it may be a coroutine function. It must not probe: Postfix waits.
+    dict) or None; it may be a coroutine function. It may start a probe of a missing or
+    stale domain, but must not wait for it: Postfix waits. Requests name ``map_name`` or
+    ``map_name`` + ``-strict`` (see the module's docstring).
 
     The socket gets ``mode`` (default 0666: the map is read-only and holds public DNS
     facts, and Postfix's smtp processes must be able to connect); restrict who may connect
@@ -288,7 +299,11 @@ class PolicyServer:
         if not space:
             self._count(Answer.PERM)
             return b"PERM malformed request"
-        if name != self.map_name.encode():
+        if name == self.map_name.encode():
+            strict = False
+        elif name == f"{self.map_name}{STRICT_SUFFIX}".encode():
+            strict = True
+        else:
             self._count(Answer.PERM)
             shown = name[:64].decode("ascii", "backslashreplace")
             return f"PERM unknown map {shown}".encode()
@@ -309,6 +324,12 @@ class PolicyServer:
             self._log_error("lookup", exc)
             self._count(Answer.TEMP)
             return b"TEMP cache unavailable"
+        if policy is None and strict:
+            level = assessment.get("level") if isinstance(assessment, Mapping) else None
+            why = f"assessed {level}" if level else "not assessed (again) yet"
+            log.info("policy %s: TEMP, deferring delivery (%s)", domain, why)
+            self._count(Answer.TEMP)
+            return f"TEMP tlsmilter cannot vouch for {domain}: {why}".encode()
         if policy is None:
             log.debug("policy %s: NOTFOUND", domain)
             self._count(Answer.NOTFOUND)

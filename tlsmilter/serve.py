@@ -62,7 +62,9 @@ def _start_policy_server(engine: Engine, settings: config.PolicyServer) -> Polic
         return None
 
     def lookup(domain: str) -> dict[str, Any] | None:
-        _state, entry = engine.cache.get(domain)
+        # A missing or stale domain is probed again at once (not waited for): a delivery the
+        # strict map deferred then finds it assessed at its next try.
+        _state, entry = engine.lookup(domain)
         return entry.assessment if entry else None
 
     server = PolicyServer(lookup, str(path), map_name=settings.map_name,
