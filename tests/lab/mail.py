@@ -25,3 +25,17 @@ def submit(address: tuple[str, int], msg: EmailMessage) -> None:
     # local_hostname: otherwise smtplib waits on a DNS lookup of this host's name.
     with smtplib.SMTP(*address, local_hostname="client.lab.invalid", timeout=30) as smtp:
         smtp.send_message(msg)
+
+
+def submit_raw(address: tuple[str, int], recipients: list[str],
+               msg: EmailMessage) -> tuple[int, str]:
+    """Send with each ``RCPT TO:`` argument exactly as given (smtplib would rewrite odd ones
+    such as ``<@domain>``); every recipient must be accepted. The reply to the message."""
+    with smtplib.SMTP(*address, local_hostname="client.lab.invalid", timeout=60) as smtp:
+        smtp.ehlo()
+        smtp.mail(SENDER)
+        for rcpt in recipients:
+            code, text = smtp.docmd(f"RCPT TO:{rcpt}")
+            assert code == 250, (rcpt, code, text)
+        code, reply = smtp.data(msg.as_bytes())
+    return code, reply.decode()
