@@ -206,7 +206,8 @@ class PolicyServer:
             sock.close()
             self._unlink()
             raise
-        log.info("policy server listening on %s (map %s)", self.path, self.map_name)
+        log.info("policy server listening on %s (maps %s and %s%s)", self.path, self.map_name,
+                 self.map_name, STRICT_SUFFIX)
 
     async def stop(self) -> None:
         """Stop listening, close every connection and remove the socket file."""
