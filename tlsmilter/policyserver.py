@@ -186,6 +186,9 @@ class PolicyServer:
         self.lookup = lookup
         self.path = path
         self.map_name = map_name
+        # The map names Postfix may ask for, and whether each is the strict one.
+        self._strict_by_name = {map_name.encode(): False,
+                                f"{map_name}{STRICT_SUFFIX}".encode(): True}
         self.mode = mode
         self.on_answer = on_answer
         self.idle_timeout = idle_timeout
@@ -300,11 +303,8 @@ class PolicyServer:
         if not space:
             self._count(Answer.PERM)
             return b"PERM malformed request"
-        if name == self.map_name.encode():
-            strict = False
-        elif name == f"{self.map_name}{STRICT_SUFFIX}".encode():
-            strict = True
-        else:
+        strict = self._strict_by_name.get(name)
+        if strict is None:
             self._count(Answer.PERM)
             shown = name[:64].decode("ascii", "backslashreplace")
             return f"PERM unknown map {shown}".encode()
