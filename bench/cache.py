@@ -30,8 +30,9 @@ import redis
 
 from tests.lab.redis_server import LabRedis
 from tlsmilter import config
-from tlsmilter.cache import MemoryCache, State
-from tlsmilter.rediscache import RedisCache
+from tlsmilter.store.base import State
+from tlsmilter.store.memory import MemoryCache
+from tlsmilter.store.redis.cache import RedisCache
 
 
 def assessment(domain: str) -> dict[str, Any]:

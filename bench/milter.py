@@ -42,7 +42,7 @@ from tests.lab.lab import TLD, Lab
 from tests.lab.model import MX, Dnssec, Domain, Smtp, Tlsa
 from tests.lab.postfix import LabPostfix
 from tests.test_e2e import contrib_main
-from tlsmilter.netstring import NetstringDecoder, encode_netstring
+from tlsmilter.daemons.netstring import NetstringDecoder, encode_netstring
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRIB = ROOT / "contrib" / "postfix"
@@ -473,15 +473,15 @@ def rss_child(entries: int, assessment_file: str) -> None:
     """In a fresh interpreter: RSS with serve's modules loaded, then with ``entries`` cached."""
     import gc
 
-    import tlsmilter.serve  # noqa: F401  # what serve loads, before the cache fills
+    import tlsmilter.daemons.serve  # noqa: F401  # what serve loads, before the cache fills
     from tlsmilter import config
-    from tlsmilter.cache import MemoryCache
+    from tlsmilter.store.memory import MemoryCache
 
     text = Path(assessment_file).read_text()
     template = json.loads(text)
     gc.collect()
     base = rss_kib()
-    cache = MemoryCache(config.Cache(max_entries=max(entries, 1)))
+    cache = MemoryCache(config.CacheSettings(max_entries=max(entries, 1)))
     suffix = f".{template['domain']}"
     for i in range(entries):
         assessment = json.loads(text)  # a fresh object per domain, as the prober makes them
@@ -765,7 +765,8 @@ def report_rss(args: argparse.Namespace, workdir: Path, mta: Mta, names: list[st
         print(f"WARNING: tlsmilter check {richest} printed nothing: {check.stderr}")
         return False
     size = len(assessment.read_bytes())
-    print(f"\n== 3b. RSS of a fresh process with tlsmilter.serve imported and N assessments "
+    print(f"\n== 3b. RSS of a fresh process with tlsmilter.daemons.serve imported and N "
+          f"assessments "
           f"in MemoryCache ({richest}: {json.loads(assessment.read_text())['level']}, "
           f"{size} bytes of JSON, copied per domain; policy server: {answer}) ==")
     for entries in args.cache_sizes:

@@ -4,7 +4,7 @@ It overrides the same callbacks as ``tlsmilter.milter.TlsMilter`` (with the same
 ``@noreply`` ones) and asks for the same actions, so Postfix sends it the same protocol steps
 and waits for the same replies: what
 separates the two in a benchmark is tlsmilter's own work, not the amount of milter protocol.
-``data()`` is overridden as DESIGN.md asks (Postfix's DATA-stage macro packet stalls
+``data()`` is overridden as docs/design.md explains (Postfix's DATA-stage macro packet stalls
 otherwise).
 
     python -m bench.nullmilter unix:/PATH/null.sock

@@ -178,14 +178,14 @@ class Run:
         return [d for d, got in self.outcomes.items() if got != self.expected[d]]
 
 
-def prober_settings(info: LabInfo, concurrency: int) -> config.Prober:
+def prober_settings(info: LabInfo, concurrency: int) -> config.ProberSettings:
     return config.from_mapping({"prober": {
         "resolver": info.resolver, "ca_file": info.ca_file, "concurrency": concurrency,
         "ehlo_name": EHLO_NAME,
     }}).prober
 
 
-def run_tlsmilter(mix: dict[str, Kind], settings: config.Prober) -> Run:
+def run_tlsmilter(mix: dict[str, Kind], settings: config.ProberSettings) -> Run:
     async def assess_all() -> tuple[float, list[Assessment]]:
         prober = Prober(settings)  # inside the loop: its semaphore binds to this loop
         started = time.perf_counter()
@@ -210,7 +210,7 @@ def finger_binary() -> str:
     return found
 
 
-def finger_command(binary: str, settings: config.Prober) -> list[str]:
+def finger_command(binary: str, settings: config.ProberSettings) -> list[str]:
     """posttls-finger with tlsmilter's timeouts, CA file and EHLO name, at level dane.
 
     Level dane looks TLSA up when the MX host's records validate and falls back to secure
@@ -291,7 +291,7 @@ def finger_loop(workdir: Path, resolver: str, command: list[str], domains: Seque
 
 
 def run_finger(workdir: Path, info: LabInfo, mix: dict[str, Kind],
-               settings: config.Prober) -> Run:
+               settings: config.ProberSettings) -> Run:
     command = finger_command(finger_binary(), settings)
     print(f"posttls-finger command: MAIL_CONFIG=<empty main.cf> {shlex.join(command)} DOMAIN")
     seconds, text = finger_loop(workdir, info.resolver, command, list(mix),
@@ -341,7 +341,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--domains", type=positive, default=200, metavar="N",
                         help="lab domains to build and assess (default: 200)")
-    parser.add_argument("--concurrency", type=positive, default=config.Prober().concurrency,
+    parser.add_argument("--concurrency", type=positive, default=config.ProberSettings().concurrency,
                         metavar="C", help="prober.concurrency (default: the config default)")
     parser.add_argument("--no-finger", action="store_true",
                         help="skip the posttls-finger baseline")

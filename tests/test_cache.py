@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from tlsmilter import config
-from tlsmilter.cache import Entry, MemoryCache, State
+from tlsmilter.store.base import Entry, State, is_due
+from tlsmilter.store.memory import MemoryCache
 
 
 class Clock:
@@ -20,7 +21,7 @@ class Clock:
         return self.now
 
 
-SETTINGS = config.Cache(max_entries=3, ttl=600.0, ttl_none=60.0, ttl_unknown=30.0,
+SETTINGS = config.CacheSettings(max_entries=3, ttl=600.0, ttl_none=60.0, ttl_unknown=30.0,
                         stale_max=300.0, refresh_before=100.0)
 
 
@@ -61,14 +62,14 @@ def test_refresh_is_due_shortly_before_expiry() -> None:
     cache = MemoryCache(SETTINGS, clock)
     entry = cache.put(assessment("d.test"))
     clock.now += 499
-    assert not cache.due(entry)
+    assert not is_due(entry, cache.now(), SETTINGS.refresh_before)
     clock.now += 1
-    assert cache.due(entry)
+    assert is_due(entry, cache.now(), SETTINGS.refresh_before)
 
 
 def test_packed_entries_give_back_the_assessment_exactly() -> None:
     original = assessment("pack.test", "dane")
-    packed = Entry(original, 1.0, 2.0, 3.0, pack=True)
+    packed = Entry(original, 1.0, 2.0, 3.0, packed=True)
     assert packed.level == "dane"
     assert packed.assessment == original
     assert packed.assessment is not packed.assessment  # unpacked afresh: callers may mutate
@@ -78,7 +79,7 @@ def test_a_real_assessment_packs_small() -> None:
     # A lab assessment of a DANE domain with two TLSA records, as the prober writes it.
     real = json.loads((Path(__file__).parent / "data" / "assessment-dane-full.json")
                       .read_text())
-    entry = Entry(real, 0.0, 1.0, 2.0, pack=True)
+    entry = Entry(real, 0.0, 1.0, 2.0, packed=True)
     assert entry.assessment == real
     packed = entry._data
     assert isinstance(packed, bytes)

@@ -23,9 +23,9 @@ import pytest
 
 from tests.lab.postfix import MASTER_SERVICES, postconf_warnings, postfix_version
 from tlsmilter import config
-from tlsmilter.levels import Level
-from tlsmilter.milter import ASSESSMENT_HEADER, ROUTE_HEADER, TAG_HEADER
-from tlsmilter.policyserver import STRICT_SUFFIX
+from tlsmilter.core.levels import Level
+from tlsmilter.daemons.milter import ASSESSMENT_HEADER, ROUTE_HEADER, TAG_HEADER
+from tlsmilter.daemons.socketmap import STRICT_SUFFIX
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRIB = ROOT / "contrib" / "postfix"

@@ -35,7 +35,8 @@ from tests.lab.prometheus import LabPrometheus
 from tests.lab.redis_server import LabRedis, free_port
 from tests.test_e2e import CONTRIB, contrib_main, contrib_master
 from tlsmilter import metrics
-from tlsmilter.policyd import HEALTH_EVERY
+from tlsmilter.daemons import instrument
+from tlsmilter.daemons.policy_server import HEALTH_EVERY
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "contrib" / "grafana" / "tlsmilter.json"
@@ -142,7 +143,7 @@ def test_every_rate_uses_the_rate_interval() -> None:
 
 def test_every_metric_the_dashboard_uses_exists() -> None:
     exported = {"up"}  # Prometheus's own, per target
-    metrics.init_labels()
+    instrument.init_labels()
     for metric in metrics.REGISTRY.collect():
         exported.update(sample.name for sample in metric.samples)
     used = {name for expr in [*exprs(), *(v.get("definition", "") for v in

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tlsmilter.domains import InvalidDomain, normalize_domain
+from tlsmilter.core.domains import InvalidDomain, normalize_domain
 
 LONGEST = ".".join(["a" * 61, "b" * 63, "c" * 63, "d" * 63])  # 253 characters
 

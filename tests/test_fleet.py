@@ -27,9 +27,9 @@ from tests.lab.redis_server import LabRedis
 from tests.lab.scenarios import S
 from tests.lab.smtpd import SmtpServer
 from tlsmilter import config
-from tlsmilter.cache import State
-from tlsmilter.probequeue import ProbeRequests
-from tlsmilter.rediscache import RedisCache
+from tlsmilter.store.base import State
+from tlsmilter.store.redis.cache import RedisCache
+from tlsmilter.store.redis.queue import ProbeRequests
 
 pytestmark = pytest.mark.lab
 

@@ -9,10 +9,14 @@ import urllib.request
 
 import pytest
 
+import tlsmilter
 from tlsmilter import config, metrics
-from tlsmilter.cache import State
+from tlsmilter.assess.events import STEP_RESULTS, smtp_result
+from tlsmilter.core.delivery import PolicyAnswer
+from tlsmilter.daemons import instrument
 from tlsmilter.errors import TlsmilterError
-from tlsmilter.policyserver import Answer
+from tlsmilter.labels import FailSafe
+from tlsmilter.store.base import State
 
 # Label names allowed anywhere: each has a closed set of values. A domain, address, host or
 # IP label would be unbounded.
@@ -21,7 +25,7 @@ BOUNDED_LABELS = {"version", "sensitivity", "verdict", "level", "stage", "reason
 
 
 def families() -> dict[str, list[tuple[str, dict[str, str]]]]:
-    metrics.init_labels(config.Config())
+    instrument.init_labels(config.Config())
     return {m.name: [(s.name, s.labels) for s in m.samples] for m in metrics.REGISTRY.collect()}
 
 
@@ -52,28 +56,27 @@ def test_contract_metrics_exist_with_every_label_value_at_zero() -> None:
                  "tlsmilter_redis_errors_total", "tlsmilter_redis_outages_total",
                  "tlsmilter_milter_sessions_total", "tlsmilter_eom_wait_seconds_count"):
         assert has(name), name
-    assert has("tlsmilter_build_info", version=metrics.__version__)
+    assert has("tlsmilter_build_info", version=tlsmilter.__version__)
     for policy in (*config.Config().policies, "normal"):
         assert has("tlsmilter_messages_total", sensitivity=policy, verdict="reject")
-    for answer in Answer:
+    for answer in PolicyAnswer:
         assert has("tlsmilter_policy_lookups_total", answer=answer.value)
     for level in ("none", "encrypted", "verified", "dane", "unknown", "pending", "local"):
         assert has("tlsmilter_recipients_total", level=level)
-    for check, results in metrics.PROBE_RESULTS.items():
+    for check, results in STEP_RESULTS.items():
         for result in results:
             assert has("tlsmilter_probes_total", check=check.value, result=result)
-    for reason in metrics.FailSafe:
+    for reason in FailSafe:
         assert has("tlsmilter_fail_safe_total", reason=reason.value)
 
 
 def test_cache_results_are_the_cache_states_plus_error() -> None:
-    # Spelled out in metrics.py (the caches import it); kept equal to the enum here.
-    assert (*(s.value for s in State), "error") == metrics.CACHE_RESULTS
+    assert (*(s.value for s in State), "error") == instrument.CACHE_RESULTS
 
 
 def test_pre_initialisation_is_idempotent() -> None:
     before = families()
-    metrics.init_labels(config.Config())
+    instrument.init_labels(config.Config())
     assert families() == before
 
 
@@ -82,8 +85,8 @@ def test_unknown_refusal_reasons_count_as_other() -> None:
         return metrics.REGISTRY.get_sample_value("tlsmilter_refused_domains_total",
                                                  {"reason": "other"}) or 0.0
     before = other()
-    metrics.refused_domain("no_starttls")
-    metrics.refused_domain("made-up code from elsewhere")
+    instrument.refused_domain("no_starttls")
+    instrument.refused_domain("made-up code from elsewhere")
     assert other() == before + 1
 
 
@@ -93,7 +96,7 @@ def test_unknown_refusal_reasons_count_as_other() -> None:
     (True, True, "TLSv1.3", "tls")])
 def test_smtp_probe_results(connected: bool, starttls: bool | None, version: str | None,
                             result: str) -> None:
-    assert metrics.smtp_result(connected, starttls, version).value == result
+    assert smtp_result(connected, starttls, version).value == result
 
 
 def free_loopback_port() -> int:
@@ -105,7 +108,7 @@ def free_loopback_port() -> int:
 
 def test_metrics_server_serves_text_promtool_accepts_and_stops() -> None:
     listen = f"127.0.0.1:{free_loopback_port()}"
-    stop = metrics.start_metrics_server(listen)
+    stop = instrument.start_metrics_server(listen)
     assert stop is not None
     try:
         url = f"http://{listen}/metrics"
@@ -113,7 +116,7 @@ def test_metrics_server_serves_text_promtool_accepts_and_stops() -> None:
             text = reply.read().decode()
         with pytest.raises(TlsmilterError, match=f"metrics listen address {listen}: cannot "
                                                  "listen: Address already in use"):
-            metrics.start_metrics_server(listen)
+            instrument.start_metrics_server(listen)
     finally:
         stop()
     with pytest.raises(OSError), urllib.request.urlopen(url, timeout=2):
@@ -127,4 +130,4 @@ def test_metrics_server_serves_text_promtool_accepts_and_stops() -> None:
 
 
 def test_no_listen_address_means_no_server() -> None:
-    assert metrics.start_metrics_server("") is None
+    assert instrument.start_metrics_server("") is None

@@ -18,8 +18,15 @@ import pytest
 from Milter import testctx
 
 from tlsmilter import config, metrics
-from tlsmilter.engine import Engine
-from tlsmilter.milter import ASSESSMENT_HEADER, ROUTE_HEADER, TAG_HEADER, TlsMilter, policies_from
+from tlsmilter.daemons import instrument
+from tlsmilter.daemons.milter import (
+    ASSESSMENT_HEADER,
+    ROUTE_HEADER,
+    TAG_HEADER,
+    TlsMilter,
+    policies_from,
+)
+from tlsmilter.store.embedded import EmbeddedAssessments as Engine
 
 
 def assessment(domain: str, level: str) -> dict[str, Any]:
@@ -81,7 +88,7 @@ def make_engine() -> Iterator[Any]:
         engine.start()
         if warm:
             for domain, level in LEVELS.items():
-                engine.cache.put(assessment(domain, level))
+                engine.memory.put(assessment(domain, level))
         engines.append(engine)
         return engine, prober
 
@@ -317,7 +324,7 @@ def test_internal_error_fails_safe(make_engine: Any, monkeypatch: pytest.MonkeyP
     def broken(*_a: object, **_k: object) -> None:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr("tlsmilter.milter.decide", broken)
+    monkeypatch.setattr("tlsmilter.daemons.milter.decide", broken)
     rc, ctx = send(engine, DEFAULT, ["<a@dane.test>"], SENSITIVE)
     assert rc == Milter.TEMPFAIL and ctx._reply[:2] == ("451", "4.3.0")
     rc, ctx = send(engine, DEFAULT, ["<a@dane.test>"], [("Subject", "ordinary")])
@@ -401,7 +408,7 @@ def test_normal_mail_and_fail_safe_activations_are_counted(
     rc, _ctx = send(engine, DEFAULT, ["<a@dane.test>"], SENSITIVE)  # RCPT fails
     assert rc == Milter.TEMPFAIL
     monkeypatch.undo()
-    monkeypatch.setattr("tlsmilter.milter.decide", broken)
+    monkeypatch.setattr("tlsmilter.daemons.milter.decide", broken)
     rc, _ctx = send(engine, DEFAULT, ["<a@dane.test>"], SENSITIVE)
     assert rc == Milter.TEMPFAIL
     assert grown() == {"normal": 1, "tempfail": 2, "callback": 1, "decide": 1, "local": 1}
@@ -411,6 +418,6 @@ def test_policy_names_from_the_config_are_pre_initialised() -> None:
     settings = config.from_mapping({"policies": {"medical": {"require": "dane"}}})
     assert metrics.REGISTRY.get_sample_value(
         "tlsmilter_messages_total", {"sensitivity": "medical", "verdict": "reject"}) is None
-    policies_from(settings)
+    instrument.init_labels(settings)
     for action in ("accept", "tag", "quarantine", "tempfail", "reject"):
         assert sample("tlsmilter_messages_total", sensitivity="medical", verdict=action) == 0

@@ -5,10 +5,17 @@ from __future__ import annotations
 import pytest
 
 from tlsmilter import config
-from tlsmilter.levels import Level
-from tlsmilter.milter import policies_from
-from tlsmilter.policy import MAX_EXTRA_LINES, MAX_REPLY_LINES, Action, DomainStatus, Policy, decide
-from tlsmilter.sensitivity import classify
+from tlsmilter.core.levels import Level
+from tlsmilter.core.sensitivity import classify_sensitivity as classify
+from tlsmilter.core.verdict import (
+    MAX_EXTRA_LINES,
+    MAX_REPLY_LINES,
+    Action,
+    DomainStatus,
+    Policy,
+    decide,
+)
+from tlsmilter.daemons.milter import policies_from
 
 E, V, D, N = Level.ENCRYPTED, Level.VERIFIED, Level.DANE, Level.NONE
 STRICT = Policy("strict", V, Action.REJECT, Action.TEMPFAIL, ("See https://portal.example",))

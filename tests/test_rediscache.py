@@ -29,12 +29,15 @@ from tests.lab.model import Cert
 from tests.lab.pki import LabCA
 from tests.lab.redis_server import LabRedis, LabSentinel
 from tlsmilter import config, metrics
-from tlsmilter.cache import State
+from tlsmilter.daemons.worker import Worker
 from tlsmilter.errors import CacheUnavailable
-from tlsmilter.probequeue import ProbeRequests
-from tlsmilter.rediscache import SCHEMA, Health, RedisCache, redact
-from tlsmilter.sharedengine import SharedEngine
-from tlsmilter.worker import Worker
+from tlsmilter.store.base import is_due
+from tlsmilter.store.memory import State
+from tlsmilter.store.redis.cache import RedisCache
+from tlsmilter.store.redis.connection import Health, redact
+from tlsmilter.store.redis.queue import ProbeRequests
+from tlsmilter.store.redis.records import SCHEMA
+from tlsmilter.store.shared import SharedAssessments as SharedEngine
 
 pytestmark = pytest.mark.lab
 
@@ -121,9 +124,9 @@ def test_refresh_is_due_shortly_before_expiry(cache: RedisCache) -> None:
     clock = clock_of(cache)
     entry = cache.put(assessment("d.test", "dane"))
     clock.now = T0 + 499  # refresh_before = 100, ttl = 600
-    assert not cache.due(entry)
+    assert not is_due(entry, cache.now(), cache._settings.refresh_before)
     clock.now = T0 + 500
-    assert cache.due(entry)
+    assert is_due(entry, cache.now(), cache._settings.refresh_before)
 
 
 def test_another_schema_version_reads_as_a_miss(cache: RedisCache) -> None:
@@ -224,7 +227,7 @@ def test_outage_fails_cleanly_logs_once_and_recovers(
     try:
         cache.put(assessment("up.test", "dane"))
         server.stop()
-        caplog.set_level(logging.WARNING, logger="tlsmilter.rediscache")
+        caplog.set_level(logging.WARNING, logger="tlsmilter.store.redis.cache")
         for _ in range(3):
             with pytest.raises(CacheUnavailable):
                 cache.get("up.test")
@@ -461,7 +464,7 @@ def test_a_milter_started_while_redis_is_down_fails_safe_and_recovers_idle(
         server.start()
         # No lookup: the listener's resubscription alone notices that Redis is back.
         deadline = time.monotonic() + 10
-        while not engine.cache.health.up:
+        while not engine.redis.health.up:
             assert time.monotonic() < deadline, "Redis back, still reported down"
             time.sleep(0.1)
         assert redis_up() == 1
@@ -469,16 +472,16 @@ def test_a_milter_started_while_redis_is_down_fails_safe_and_recovers_idle(
         assert engine.requests.length() == 1  # queued for the workers
     finally:
         engine.stop()
-        engine.cache.client.close()
+        engine.redis.client.close()
         server.stop()
 
 
 def test_a_waiting_milter_is_woken_by_the_notice_not_the_poll(
         server: LabRedis, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("tlsmilter.sharedengine.POLL", 30.0)  # polling alone would miss it
+    monkeypatch.setattr("tlsmilter.store.shared.POLL", 30.0)  # polling alone would miss it
     settings = settings_for(server.url)
     engine = SharedEngine(settings)
-    engine.cache.client.flushdb()
+    engine.redis.client.flushdb()
     engine.start()
     try:
         time.sleep(0.5)  # the listener subscribes
@@ -486,13 +489,13 @@ def test_a_waiting_milter_is_woken_by_the_notice_not_the_poll(
         waiter = threading.Thread(target=lambda: waited.append(timed_wait(engine)))
         waiter.start()
         time.sleep(0.3)  # the callback thread is waiting
-        engine.cache.put(assessment("woken.test", "dane"))  # as a worker stores it ...
-        engine.cache.client.publish(engine.cache.keys.assessed, "woken.test")  # ... and tells
+        engine.redis.put(assessment("woken.test", "dane"))  # as a worker stores it ...
+        engine.redis.client.publish(engine.redis.keys.assessed, "woken.test")  # ... and tells
         waiter.join(timeout=25)
         assert waited and waited[0] < 10, waited  # ended by the notice, long before 20 s
     finally:
         engine.stop()
-        engine.cache.client.close()
+        engine.redis.client.close()
 
 
 def timed_wait(engine: SharedEngine) -> float:

@@ -10,10 +10,11 @@ import pytest
 
 from tlsmilter import config
 from tlsmilter.cli import main
-from tlsmilter.levels import Level
-from tlsmilter.milter import TlsMilter, policies_from
-from tlsmilter.policy import DomainStatus, decide
-from tlsmilter.report import UNRECORDED, parse, render, summarize
+from tlsmilter.commands.report import render, summarize
+from tlsmilter.core.decisionlog import UNRECORDED, format_decision, parse
+from tlsmilter.core.levels import Level
+from tlsmilter.core.verdict import DomainStatus, decide
+from tlsmilter.daemons.milter import policies_from
 
 OLD = ("Nov 22 08:00:01 mx tlsmilter[12]: INFO tlsmilter.milter: decision queue_id=4Q1 "
        "sensitivity=private policy=private require=verified verdict=reject "
@@ -61,19 +62,15 @@ def test_report_ranks_refused_domains_with_reasons_and_counts_levels() -> None:
     assert "  none            3   60.0%" in text
 
 
-def test_the_milters_own_decision_line_parses(caplog: pytest.LogCaptureFixture) -> None:
-    # The format and its parser must stay in step: render a line with the milter's own code.
+def test_a_formatted_decision_line_parses_back() -> None:
+    # The format and its parser must stay in step: they live in one module, core.decisionlog.
     settings = config.Config()
     policy = policies_from(settings)["private"]
     statuses = [DomainStatus("a.example", Level.DANE),
                 DomainStatus("b.example", Level.ENCRYPTED, "")]
     verdict = decide(policy, statuses)
-    milter = TlsMilter(None, settings, policies_from(settings))
-    milter.msg.reason_codes["b.example"] = "level_too_low"
-    with caplog.at_level("INFO", logger="tlsmilter.milter"):
-        milter._log("4QX", "private", statuses, verdict)
-    records = caplog.records
-    decision = parse(records[0].getMessage())
+    decision = parse(format_decision("4QX", "private", statuses, verdict,
+                                     {"b.example": "level_too_low"}))
     assert decision is not None
     assert decision.verdict == "reject" and decision.failing == ("b.example",)
     assert decision.reasons == {"b.example": "level_too_low"}
@@ -96,7 +93,7 @@ def test_report_command_reads_files(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="the lab runs as root")
 def test_report_adds_the_shared_cache_levels_on_redis(capsys: pytest.CaptureFixture[str]) -> None:
     from tests.lab.redis_server import LabRedis
-    from tlsmilter.rediscache import RedisCache
+    from tlsmilter.store.redis.cache import RedisCache
 
     with tempfile.TemporaryDirectory() as tmp, LabRedis(Path(tmp)) as redis:
         settings = config.from_mapping({"cache": {"backend": "redis"},

@@ -41,10 +41,10 @@ def _config_check(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from tlsmilter.assess import report
+    from tlsmilter.assess import render
     from tlsmilter.assess.model import Assessment
     from tlsmilter.assess.prober import Prober
-    from tlsmilter.domains import normalize_domain
+    from tlsmilter.core.domains import normalize_domain
 
     settings = config.load_optional(args.config).prober
     overrides: dict[str, object] = {}
@@ -72,7 +72,7 @@ def _check(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(assessment.to_json(), sort_keys=True))
         else:
-            print(report.render(assessment))
+            print(render.render(assessment))
     levels = {a.level for a in results}
     if "none" in levels:
         return EXIT_CHECK_NONE
@@ -82,7 +82,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from tlsmilter.serve import serve
+    from tlsmilter.daemons.serve import serve
 
     settings = config.load_optional(args.config)
     settings = _with_metrics_listen(settings, args.metrics_listen, "metrics.listen")
@@ -110,7 +110,7 @@ def _with_metrics_listen(settings: config.Config, value: str | None,
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from tlsmilter.worker import run_worker
+    from tlsmilter.daemons.worker import run_worker
 
     settings = config.load_optional(args.config)
     settings = _with_metrics_listen(settings, args.metrics_listen, "worker.metrics_listen")
@@ -119,7 +119,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _policy_server(args: argparse.Namespace) -> int:
-    from tlsmilter.policyd import run_policy_server
+    from tlsmilter.daemons.policy_server import run_policy_server
 
     settings = config.load_optional(args.config)
     settings = _with_metrics_listen(settings, args.metrics_listen,
@@ -134,13 +134,13 @@ def _policy_server(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from tlsmilter.cachecmd import run_cache_command
+    from tlsmilter.commands.cache import run_cache_command
 
     return run_cache_command(config.load_optional(args.config), args)
 
 
 def _report(args: argparse.Namespace) -> int:
-    from tlsmilter.report import run_report
+    from tlsmilter.commands.report import run_report
 
     return run_report(config.load_optional(args.config), args)
 

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tlsmilter.core.verdict import MAX_EXTRA_LINES
 from tlsmilter.errors import ConfigError, ConfigIssue
-from tlsmilter.policy import MAX_EXTRA_LINES
 
 DEFAULT_PATH = Path("/etc/tlsmilter/tlsmilter.toml")
 ENV_VAR = "TLSMILTER_CONFIG"
 
-Check = Callable[[Any], str | None]
+Validator = Callable[[Any], str | None]
 
 
 def _positive(value: float) -> str | None:
@@ -56,7 +56,7 @@ def is_file(value: str) -> bool:
     return Path(value).is_file()
 
 
-def _opt(default: Any, doc: str, check: Check | None = None) -> Any:
+def _opt(default: Any, doc: str, check: Validator | None = None) -> Any:
     """A config field: its default, its one-line documentation, and an optional value check."""
     meta = {"doc": doc, "check": check}
     if isinstance(default, list | dict):
@@ -95,7 +95,7 @@ class TlsVersion(enum.Enum):
 
 
 @dataclass(frozen=True)
-class Timeouts:
+class TimeoutSettings:
     """Per-step budgets of a probe, in seconds."""
 
     dns: float = _opt(5.0, "One DNS query, including retries over TCP.", _positive)
@@ -111,7 +111,7 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
-class Prober:
+class ProberSettings:
     """How domains are assessed."""
 
     resolver: str = _opt(
@@ -136,7 +136,7 @@ class Prober:
         "",
         "Name sent in EHLO by the prober. Empty: this machine's fully qualified name.",
     )
-    timeouts: Timeouts = field(default_factory=Timeouts)
+    timeouts: TimeoutSettings = field(default_factory=TimeoutSettings)
 
 
 class LogLevel(enum.Enum):
@@ -147,7 +147,7 @@ class LogLevel(enum.Enum):
 
 
 @dataclass(frozen=True)
-class Log:
+class LogSettings:
     level: LogLevel = _opt(LogLevel.INFO, "debug, info, warning or error.")
 
 
@@ -178,7 +178,7 @@ def _mode(value: str) -> str | None:
 
 
 @dataclass(frozen=True)
-class Milter:
+class MilterSettings:
     """The milter Postfix talks to."""
 
     socket: str = _opt(
@@ -245,7 +245,7 @@ DEFAULT_POLICIES = {
 
 
 @dataclass(frozen=True)
-class Sensitivity:
+class SensitivitySettings:
     """How a message is recognised as sensitive."""
 
     headers: list[str] = _opt(["X-Sensitivity", "Sensitivity"],
@@ -266,7 +266,7 @@ class CacheBackend(enum.Enum):
 
 
 @dataclass(frozen=True)
-class Cache:
+class CacheSettings:
     """Where assessments are kept, and for how long."""
 
     backend: CacheBackend = _opt(
@@ -310,7 +310,7 @@ def check_listen(value: str) -> str | None:
 
 
 @dataclass(frozen=True)
-class Redis:
+class RedisSettings:
     """The shared Redis used by `cache.backend = "redis"`: assessments and the probe queue."""
 
     url: str = _opt(
@@ -340,7 +340,7 @@ class Redis:
 
 
 @dataclass(frozen=True)
-class Worker:
+class WorkerSettings:
     """`tlsmilter worker`: probe workers sharing the Redis probe queue."""
 
     queue_max: int = _opt(
@@ -364,7 +364,7 @@ class Worker:
 
 
 @dataclass(frozen=True)
-class Metrics:
+class MetricsSettings:
     """Prometheus metrics of `serve`."""
 
     listen: str = _opt(
@@ -376,7 +376,7 @@ class Metrics:
 
 
 @dataclass(frozen=True)
-class PolicyServer:
+class PolicyServerSettings:
     """The Postfix `smtp_tls_policy_maps` socketmap server."""
 
     socket: str = _opt("unix:/run/tlsmilter/policy.sock", "Where it listens (`unix:/PATH`).",
@@ -394,16 +394,16 @@ class PolicyServer:
 class Config:
     """The whole configuration; ``Config()`` is the documented default."""
 
-    milter: Milter = field(default_factory=Milter)
-    sensitivity: Sensitivity = field(default_factory=Sensitivity)
+    milter: MilterSettings = field(default_factory=MilterSettings)
+    sensitivity: SensitivitySettings = field(default_factory=SensitivitySettings)
     policies: dict[str, PolicySettings] = field(default_factory=lambda: dict(DEFAULT_POLICIES))
-    prober: Prober = field(default_factory=Prober)
-    cache: Cache = field(default_factory=Cache)
-    policy_server: PolicyServer = field(default_factory=PolicyServer)
-    redis: Redis = field(default_factory=Redis)
-    worker: Worker = field(default_factory=Worker)
-    metrics: Metrics = field(default_factory=Metrics)
-    log: Log = field(default_factory=Log)
+    prober: ProberSettings = field(default_factory=ProberSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    policy_server: PolicyServerSettings = field(default_factory=PolicyServerSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    log: LogSettings = field(default_factory=LogSettings)
 
 
 T = TypeVar("T")
@@ -435,7 +435,7 @@ def from_mapping(raw: Mapping[str, Any], *, source: str = "<config>") -> Config:
 
 def _merge_defaults(config: Config) -> Config:
     """Named policies and sensitivity values the file gives are merged over the defaults."""
-    values = {**Sensitivity().values, **{k.lower(): v for k, v in
+    values = {**SensitivitySettings().values, **{k.lower(): v for k, v in
                                          config.sensitivity.values.items()}}
     return dataclasses.replace(
         config,

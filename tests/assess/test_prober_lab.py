@@ -23,7 +23,7 @@ pytestmark = pytest.mark.lab
 FAST = {"connect": 2, "smtp": 2, "tls": 2, "https": 2, "domain": 10}
 
 
-def settings(lab: Lab, **timeouts: float) -> config.Prober:
+def settings(lab: Lab, **timeouts: float) -> config.ProberSettings:
     return config.from_mapping({"prober": {
         "resolver": lab.resolver, "ca_file": str(lab.ca.ca_file),
         "ehlo_name": "prober.lab.invalid", "timeouts": {**FAST, **timeouts},

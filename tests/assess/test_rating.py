@@ -6,7 +6,7 @@ import pytest
 
 from tlsmilter.assess.model import AddressProbe, Code, DaneStatus, MxFacts
 from tlsmilter.assess.rating import DomainFacts, rate, rate_probe
-from tlsmilter.levels import SCORE_BANDS, UNKNOWN, Level
+from tlsmilter.core.levels import SCORE_BANDS, UNKNOWN, Level
 
 
 def probe(**kw: object) -> AddressProbe:

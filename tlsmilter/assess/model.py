@@ -6,7 +6,7 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from tlsmilter.levels import UNKNOWN, Level
+from tlsmilter.core.levels import UNKNOWN
 
 SCHEMA_VERSION = 1
 
@@ -137,10 +137,6 @@ class Assessment:
     null_mx: bool
     assessed_at: str  # ISO 8601 UTC
     duration: float
-
-    @property
-    def level_enum(self) -> Level | None:
-        return None if self.level == UNKNOWN else Level(self.level)
 
     def to_json(self) -> dict[str, Any]:
         """The documented ``check --json`` object (docs/check-json.md)."""

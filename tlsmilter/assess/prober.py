@@ -18,9 +18,10 @@ from contextlib import AbstractAsyncContextManager
 
 from cryptography import x509
 
-from tlsmilter import config, metrics
+from tlsmilter import config
 from tlsmilter.assess import certs, mtasts, rating
 from tlsmilter.assess.dns import Answer, Resolver, Status, system_nameserver
+from tlsmilter.assess.events import ProbeObserver, ProbeStep, SilentObserver, smtp_result
 from tlsmilter.assess.model import (
     AddressProbe,
     Assessment,
@@ -31,9 +32,8 @@ from tlsmilter.assess.model import (
     Reason,
 )
 from tlsmilter.assess.smtp import SMTP_PORT, probe_address
-from tlsmilter.domains import normalize_domain
-from tlsmilter.levels import UNKNOWN, Level
-from tlsmilter.metrics import Check
+from tlsmilter.core.domains import normalize_domain
+from tlsmilter.core.levels import UNKNOWN, Level
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,12 @@ def _no_guard(_address: str) -> AbstractAsyncContextManager[object]:
 class Prober:
     """Assesses domains with one configuration; safe to share across tasks of one loop."""
 
-    def __init__(self, settings: config.Prober, *, smtp_port: int = SMTP_PORT,
-                 https_port: int = 443, ip_guard: IpGuard | None = None) -> None:
+    def __init__(self, settings: config.ProberSettings, *, smtp_port: int = SMTP_PORT,
+                 https_port: int = 443, ip_guard: IpGuard | None = None,
+                 observer: ProbeObserver | None = None) -> None:
         """``ip_guard(address)`` is held around each probe of an address besides this
-        prober's own per-address lock: workers use it to be polite fleet-wide."""
+        prober's own per-address lock: workers use it to be polite fleet-wide. ``observer``
+        hears of every step and assessment (the daemons count them as metrics)."""
         self.settings = settings
         timeouts = settings.timeouts
         if settings.resolver:
@@ -66,6 +68,7 @@ class Prober:
         self._ip_locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._domain_slots = asyncio.Semaphore(settings.concurrency)
         self._ip_guard = ip_guard
+        self._observer: ProbeObserver = observer or SilentObserver()
 
     async def assess_many(self, domains: Iterable[str]) -> list[Assessment]:
         """Assess domains concurrently, at most ``concurrency`` at a time, in input order."""
@@ -85,14 +88,14 @@ class Prober:
                     Code.TIMEOUT, detail=f"{self.settings.timeouts.domain:g} s"))
             result.duration = time.monotonic() - started
             log.debug("assessed %s: %s in %.2fs", domain, result.level, result.duration)
-            metrics.ASSESSMENTS.labels(level=result.level).inc()
-            metrics.ASSESSMENT_SECONDS.observe(result.duration)
+            self._observer.assessed(result.level, result.duration)
             return result
 
     async def _assess(self, domain: str, assessed_at: dt.datetime) -> Assessment:
-        with metrics.PROBE_SECONDS.labels(check=Check.MX.value).time():
-            mx_answer = await self.resolver.query(domain, "MX")
-        metrics.probe(Check.MX, mx_answer.status.value)
+        started = time.monotonic()
+        mx_answer = await self.resolver.query(domain, "MX")
+        self._observer.step_seconds(ProbeStep.MX, time.monotonic() - started)
+        self._observer.step(ProbeStep.MX, mx_answer.status.value)
         if mx_answer.status.temporary:
             return _unknown(domain, assessed_at, rating.reason(
                 Code.DNS_TEMPFAIL, detail=f"MX: {mx_answer.detail}"))
@@ -123,7 +126,7 @@ class Prober:
                 self._mx(pref, host, mx_secure=mx_answer.secure, implicit=implicit)
                 for pref, host in hosts)))
             sts, tlsrpt_answer = await sts_task, await tlsrpt_task
-            metrics.probe(Check.TLSRPT, tlsrpt_answer.status.value)
+            self._observer.step(ProbeStep.TLSRPT, tlsrpt_answer.status.value)
         finally:
             sts_task.cancel()
             tlsrpt_task.cancel()
@@ -168,11 +171,12 @@ class Prober:
         )
 
     async def _mta_sts(self, domain: str) -> mtasts.StsResult:
-        with metrics.PROBE_SECONDS.labels(check=Check.MTA_STS.value).time():
-            result = await mtasts.fetch(
-                domain, self.resolver, ca_file=self.settings.ca_file or None,
-                timeout=self.settings.timeouts.https, port=self.https_port)
-        metrics.probe(Check.MTA_STS, result.outcome.value)
+        started = time.monotonic()
+        result = await mtasts.fetch(
+            domain, self.resolver, ca_file=self.settings.ca_file or None,
+            timeout=self.settings.timeouts.https, port=self.https_port)
+        self._observer.step_seconds(ProbeStep.MTA_STS, time.monotonic() - started)
+        self._observer.step(ProbeStep.MTA_STS, result.outcome.value)
         return result
 
     async def _mx(self, preference: int, host: str, *, mx_secure: bool,
@@ -180,8 +184,8 @@ class Prober:
         facts = MxFacts(host=host, preference=preference)
         a, aaaa = await asyncio.gather(self.resolver.query(host, "A"),
                                        self.resolver.query(host, "AAAA"))
-        metrics.probe(Check.ADDRESS, a.status.value)
-        metrics.probe(Check.ADDRESS, aaaa.status.value)
+        self._observer.step(ProbeStep.ADDRESS, a.status.value)
+        self._observer.step(ProbeStep.ADDRESS, aaaa.status.value)
         answers = [x for x in (a, aaaa) if x.status is Status.OK]
         facts.addresses = [r for x in answers for r in x.records]
         facts.canonical = (answers[0].canonical.rstrip(".") if answers else host)
@@ -204,7 +208,7 @@ class Prober:
         # The TLSA base is the CNAME-expanded name when the expansion validated (RFC 7672 2.2.2).
         base = facts.canonical if facts.addresses_secure else facts.host
         answer = await self.resolver.query(f"_25._tcp.{base}", "TLSA")
-        metrics.probe(Check.TLSA, answer.status.value)
+        self._observer.step(ProbeStep.TLSA, answer.status.value)
         if answer.status.temporary:
             facts.tlsa_error = answer.detail
             return []
@@ -239,9 +243,9 @@ class Prober:
                 del self._ip_locks[address]  # keep the table as small as the work in flight
             else:
                 self._ip_locks[address] = (lock, users - 1)
-        metrics.probe(Check.SMTP, metrics.smtp_result(probe.connected, probe.starttls,
-                                                      probe.tls_version).value)
-        metrics.PROBE_SECONDS.labels(check=Check.SMTP.value).observe(probe.duration)
+        self._observer.step(ProbeStep.SMTP, smtp_result(probe.connected, probe.starttls,
+                                                        probe.tls_version).value)
+        self._observer.step_seconds(ProbeStep.SMTP, probe.duration)
         if probe.tls_version is not None:
             self._judge_chain(probe, chain, names, tlsa, tlsa_secure, now)
         return probe
@@ -253,17 +257,17 @@ class Prober:
             pkix = certs.verify_pkix(chain, names, store, now)
         except (OSError, ValueError) as exc:
             probe.pkix_valid, probe.pkix_error = False, f"cert_untrusted: {exc}"
-            metrics.probe(Check.PKIX, Code.CERT_UNTRUSTED.value)
+            self._observer.step(ProbeStep.PKIX, Code.CERT_UNTRUSTED.value)
         else:
             probe.pkix_valid = pkix.valid
             probe.pkix_error = None if pkix.valid else f"{pkix.code.value}: {pkix.detail}"
-            metrics.probe(Check.PKIX, pkix.code.value)
+            self._observer.step(ProbeStep.PKIX, pkix.code.value)
         if tlsa_secure and tlsa:
             probe.dane, probe.dane_detail = certs.match_tlsa(tlsa, chain, names, now)
         elif tlsa_secure:
             probe.dane = DaneStatus.NONE
         if tlsa_secure:
-            metrics.probe(Check.DANE, probe.dane.value)
+            self._observer.step(ProbeStep.DANE, probe.dane.value)
 
 
 def _mx_pairs(answer: Answer) -> list[tuple[int, str]]:

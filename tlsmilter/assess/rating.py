@@ -17,7 +17,7 @@ from tlsmilter.assess.model import (
     Reason,
     Severity,
 )
-from tlsmilter.levels import SCORE_BANDS, UNKNOWN, Level
+from tlsmilter.core.levels import SCORE_BANDS, UNKNOWN, Level
 
 _VERSIONS = {"SSLv3": 0, "TLSv1": 1, "TLSv1.1": 2, "TLSv1.2": 3, "TLSv1.3": 4}
 MIN_VERSIONS = {"1.2": "TLSv1.2", "1.3": "TLSv1.3"}

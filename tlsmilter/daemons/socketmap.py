@@ -7,22 +7,19 @@ Postfix asks, per next-hop domain, which TLS security level to enforce at delive
 The protocol (socketmap_table(5)): each request is one netstring ``<name> <key>``, each
 reply one netstring ``OK <data>``, ``NOTFOUND ``, ``TEMP <reason>``, ``TIMEOUT <reason>`` or
 ``PERM <reason>``; one connection carries many requests in turn. The answer comes from the
-cached assessment of the domain (``policy_for``); the server never waits for a probe.
+cached assessment of the domain (``core.delivery.policy_for``); the server never waits for a
+probe.
 
 Two maps: ``tlspolicy`` (the configured name) answers NOTFOUND for a domain it cannot vouch
 for (not in the cache, assessed ``none`` or ``unknown``), leaving the transport's own level in
 force. ``tlspolicy-strict`` answers TEMP instead, so Postfix defers: that is the map for the
 transport of accepted sensitive mail, where such a domain means the assessment was lost (a
 restart of ``serve``, an expiry) or the domain got worse since the milter accepted the mail.
-
-``dane-only`` and ``verify`` rely on Postfix's own DNSSEC lookups: they need
-``smtp_dns_support_level = dnssec`` and a validating resolver, as DANE always does.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import inspect
 import logging
 import os
@@ -33,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from tlsmilter import metrics
-from tlsmilter.domains import InvalidDomain, normalize_domain
+from tlsmilter.core.delivery import AssessmentJson, PolicyAnswer, normalize_key, policy_for
+from tlsmilter.daemons.netstring import NetstringDecoder, NetstringError, encode_netstring
 from tlsmilter.errors import TlsmilterError
-from tlsmilter.netstring import NetstringDecoder, NetstringError, encode_netstring
 
 log = logging.getLogger(__name__)
 
@@ -46,104 +43,10 @@ STOP_GRACE = 5.0  # seconds stop() lets a handler finish its lookup
 CLOSE_GRACE = 1.0  # seconds to flush the last replies of a closing connection
 DEFAULT_MODE = 0o666  # access control belongs to the socket's directory, see PolicyServer
 
-AssessmentJson = Mapping[str, Any]
 Lookup = Callable[[str], AssessmentJson | Awaitable[AssessmentJson | None] | None]
 
 
 STRICT_SUFFIX = "-strict"  # <map_name>-strict: TEMP where the plain map says NOTFOUND
-
-
-class Answer(enum.Enum):
-    """What a lookup was answered with; values double as metric label values."""
-
-    DANE_ONLY = "dane-only"
-    SECURE = "secure"
-    VERIFY = "verify"
-    ENCRYPT = "encrypt"
-    NOTFOUND = "notfound"
-    TEMP = "temp"
-    PERM = "perm"
-
-
-# --- the decision: assessment -> Postfix TLS policy ------------------------------------------
-
-
-def policy_for(assessment: AssessmentJson | None) -> str | None:
-    """The ``smtp_tls_policy_maps`` value enforcing ``assessment``'s level, or None.
-
-    None (NOTFOUND) leaves Postfix's own default in force: for ``none`` and ``unknown``
-    there is nothing tlsmilter vouches for, and the milter never routes sensitive mail to
-    such a domain. The result is never weaker than the assessed level.
-    """
-    if not isinstance(assessment, Mapping):
-        return None
-    level = assessment.get("level")
-    if level == "dane":
-        return "dane-only"
-    if level == "encrypted":
-        return "encrypt"
-    if level != "verified":
-        return None
-    # SNI as the prober sent it: a server choosing its certificate by name must show
-    # Postfix the certificate the assessment checked.
-    if assessment.get("dnssec") is True:
-        # The MX RRset is DNSSEC-validated, so the MX host name Postfix looks up at delivery
-        # is as trustworthy as the one we assessed, and may even change in between.
-        return "verify match=hostname servername=hostname"
-    hosts = _sts_hosts(assessment) if assessment.get("mta_sts") == "enforce" else []
-    if hosts:
-        # MTA-STS alone: the MX lookup at delivery is forgeable, so the certificate must
-        # name an authenticated MX host. We pin the MX host names we assessed rather than
-        # translating the policy's patterns: Postfix's ".example.com" matches names at any
-        # depth where MTA-STS's "*.example.com" matches exactly one label, and the policy
-        # may cover hosts we never checked. The price: if the domain changes its MX set
-        # before the cached assessment expires, delivery to a new host defers until the
-        # next assessment; Postfix retries, nothing is lost.
-        return f"secure match={':'.join(hosts)} servername=hostname"
-    # "verified" with neither DNSSEC nor an enforced policy's MX hosts: an inconsistent
-    # assessment. Still demand verification (Postfix's default names for "secure") rather
-    # than enforce less than was claimed; at worst the mail defers.
-    return "secure match=nexthop:dot-nexthop servername=hostname"
-
-
-def _sts_hosts(assessment: AssessmentJson) -> list[str]:
-    """Names of the MX hosts the MTA-STS policy authenticated, normalised, in MX order."""
-    mx = assessment.get("mx")
-    hosts: list[str] = []
-    for entry in mx if isinstance(mx, list) else []:
-        if not isinstance(entry, Mapping) or "mta-sts" not in (entry.get("authenticated_by")
-                                                              or []):
-            continue
-        host = entry.get("host")
-        if not isinstance(host, str):
-            continue
-        try:
-            name = normalize_domain(host)  # also keeps ":" and spaces out of the policy
-        except InvalidDomain:
-            continue
-        if name not in hosts:
-            hosts.append(name)
-    return hosts
-
-
-def normalize_key(key: str) -> str | None:
-    """The domain a Postfix next-hop ``key`` names, or None when no assessment applies.
-
-    ``[host]`` and ``[host]:port`` skip the MX lookup and IP literals have no MX: neither
-    is what was assessed. ``domain:port`` applies only for port 25. A leading dot (a
-    parent-domain key, which socketmap clients do not send) never inherits a policy.
-    """
-    text = key.strip()
-    if not text or text.startswith(("[", ".")):
-        return None
-    if ":" in text:
-        text, _, port = text.rpartition(":")
-        if port not in ("25", "smtp"):
-            return None
-    try:
-        return normalize_domain(text)
-    except InvalidDomain:
-        return None
 
 
 # --- the server -----------------------------------------------------------------------------
@@ -169,8 +72,7 @@ class PolicyServer:
     The socket gets ``mode`` (default 0666: the map is read-only and holds public DNS
     facts, and Postfix's smtp processes must be able to connect); restrict who may connect
     through the socket's directory (e.g. ``/run/tlsmilter`` mode 0750, group postfix).
-    Every reply is counted in ``tlsmilter_policy_lookups_total{answer}``; ``on_answer``
-    also receives its ``Answer`` value.
+    Every reply is counted in ``tlsmilter_policy_lookups_total{answer}``.
     """
 
     def __init__(
@@ -180,7 +82,6 @@ class PolicyServer:
         *,
         map_name: str = "tlspolicy",
         mode: int = DEFAULT_MODE,
-        on_answer: Callable[[str], None] | None = None,
         idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         self.lookup = lookup
@@ -190,13 +91,13 @@ class PolicyServer:
         self._strict_by_name = {map_name.encode(): False,
                                 f"{map_name}{STRICT_SUFFIX}".encode(): True}
         self.mode = mode
-        self.on_answer = on_answer
         self.idle_timeout = idle_timeout
         self._server: asyncio.Server | None = None
         self._inode: tuple[int, int] | None = None
         self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
         self._logged_errors: set[str] = set()
-        metrics.init_labels()
+        self._answers = {answer: metrics.POLICY_LOOKUPS.labels(answer=answer.value)
+                         for answer in PolicyAnswer}
 
     async def start(self) -> None:
         """Listen on ``path``, replacing a stale socket left by a dead process."""
@@ -293,7 +194,7 @@ class PolicyServer:
             # Framing is lost: nothing later on this connection can be trusted. Postfix
             # reconnects for its next lookup.
             log.warning("policy client sent a malformed request (%s): closing", exc.reason)
-            self._count(Answer.PERM)
+            self._count(PolicyAnswer.PERM)
             replies.append(encode_netstring(b"PERM malformed request"))
             return replies, False
         return replies, True
@@ -301,11 +202,11 @@ class PolicyServer:
     async def _respond(self, payload: bytes) -> bytes:
         name, space, raw_key = payload.partition(b" ")
         if not space:
-            self._count(Answer.PERM)
+            self._count(PolicyAnswer.PERM)
             return b"PERM malformed request"
         strict = self._strict_by_name.get(name)
         if strict is None:
-            self._count(Answer.PERM)
+            self._count(PolicyAnswer.PERM)
             shown = name[:64].decode("ascii", "backslashreplace")
             return f"PERM unknown map {shown}".encode()
         try:
@@ -315,7 +216,7 @@ class PolicyServer:
         domain = normalize_key(key)
         if domain is None:
             log.debug("policy %r: NOTFOUND (not an assessable domain)", key)
-            self._count(Answer.NOTFOUND)
+            self._count(PolicyAnswer.NOTFOUND)
             return b"NOTFOUND "
         try:
             found = self.lookup(domain)
@@ -323,35 +224,29 @@ class PolicyServer:
             policy = policy_for(assessment)
         except Exception as exc:  # the cache's failure, never Postfix's problem to parse
             self._log_error("lookup", exc)
-            self._count(Answer.TEMP)
+            self._count(PolicyAnswer.TEMP)
             return b"TEMP cache unavailable"
         if policy is None and strict:
             level = assessment.get("level") if isinstance(assessment, Mapping) else None
             why = f"assessed {level}" if level else "not assessed (again) yet"
             log.info("policy %s: TEMP, deferring delivery (%s)", domain, why)
-            self._count(Answer.TEMP)
+            self._count(PolicyAnswer.TEMP)
             return f"TEMP tlsmilter cannot vouch for {domain}: {why}".encode()
         if policy is None:
             log.debug("policy %s: NOTFOUND", domain)
-            self._count(Answer.NOTFOUND)
+            self._count(PolicyAnswer.NOTFOUND)
             return b"NOTFOUND "
         log.debug("policy %s: %s", domain, policy)
         reply = f"OK {policy}".encode()
         if len(reply) > MAX_REPLY:
             log.warning("policy for %s is longer than Postfix accepts", domain)
-            self._count(Answer.PERM)
+            self._count(PolicyAnswer.PERM)
             return b"PERM policy too long"
-        self._count(Answer(policy.split(" ", 1)[0]))
+        self._count(PolicyAnswer(policy.split(" ", 1)[0]))
         return reply
 
-    def _count(self, answer: Answer) -> None:
-        metrics.POLICY_LOOKUPS.labels(answer=answer.value).inc()
-        if self.on_answer is None:
-            return
-        try:
-            self.on_answer(answer.value)
-        except Exception as exc:  # metrics must never break the answers
-            self._log_error("on_answer", exc)
+    def _count(self, answer: PolicyAnswer) -> None:
+        self._answers[answer].inc()
 
     def _log_error(self, where: str, exc: Exception) -> None:
         """Log the first error of each kind in full, repeats at debug: no log flood."""

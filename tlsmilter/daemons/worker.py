@@ -23,20 +23,14 @@ import redis
 
 from tlsmilter import config, metrics
 from tlsmilter.assess.prober import Prober
-from tlsmilter.cache import State
-from tlsmilter.domains import InvalidDomain, normalize_domain
+from tlsmilter.core.domains import InvalidDomain, normalize_domain
+from tlsmilter.daemons import instrument
+from tlsmilter.daemons.sdnotify import sd_notify
 from tlsmilter.errors import TlsmilterError
-from tlsmilter.probequeue import WorkQueue
-from tlsmilter.rediscache import (
-    Health,
-    classify,
-    connect_async,
-    decode,
-    describe,
-    encode,
-    make_entry,
-)
-from tlsmilter.serve import sd_notify
+from tlsmilter.store.base import State, freshness
+from tlsmilter.store.redis.connection import Health, connect_async, describe
+from tlsmilter.store.redis.queue import WorkQueue
+from tlsmilter.store.redis.records import decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +88,8 @@ class Worker:
 
     async def run(self) -> None:
         if self.prober is None:
-            self.prober = Prober(self.settings.prober, ip_guard=self.ip_guard)
+            self.prober = Prober(self.settings.prober, ip_guard=self.ip_guard,
+                                 observer=instrument.ProbeMetrics())
         metrics.WORKER_SLOTS.set(self.capacity)
         metrics.WORKER_SLOTS_BUSY.set(0)
         grouped = False
@@ -203,7 +198,7 @@ class Worker:
         requested_at = int(entry_id.split("-")[0]) / 1000
         stored = decode(await self.client.get(keys.assessment(domain)))
         if (stored is not None and stored.stored_at >= requested_at
-                and classify(stored, time.time()) is State.HIT):
+                and freshness(stored, time.time()) is State.HIT):
             await self.queue.finish(entry_id, domain, done=True)  # done since it was asked for
             return
         assert self.prober is not None
@@ -214,8 +209,7 @@ class Worker:
         finally:
             metrics.WORKER_SLOTS_BUSY.dec()
             metrics.PROBES_IN_FLIGHT.dec()
-        now = time.time()
-        text, ttl_ms = encode(make_entry(assessment, now, self.settings.cache), now)
+        _entry, text, ttl_ms = encode(assessment, time.time(), self.settings.cache)
         started = time.perf_counter()
         await self.client.set(keys.assessment(domain), text, px=ttl_ms)
         metrics.CACHE_SECONDS.labels(backend="redis", op="put").observe(
@@ -239,7 +233,8 @@ def run_worker(settings: config.Config) -> int:
     if settings.cache.backend is not config.CacheBackend.REDIS:
         raise TlsmilterError('worker needs cache.backend = "redis": with the embedded cache, '
                              "tlsmilter serve probes by itself")
-    stop_metrics = metrics.start_metrics_server(settings.worker.metrics_listen)
+    instrument.init_labels(settings)
+    stop_metrics = instrument.start_metrics_server(settings.worker.metrics_listen)
 
     async def main() -> None:
         worker = Worker(settings)

@@ -1,7 +1,7 @@
-"""The milter's engine on the shared Redis cache: look up, ask the workers, wait for them.
+"""The shared backend: the Redis cache of a fleet; look up, ask the workers, wait for them.
 
-It offers the milter the same ``cache``/``lookup``/``wait`` as the embedded ``Engine``, but
-probes nothing itself: a miss queues the domain for the ``tlsmilter worker`` fleet. A worker
+It offers the same ``Assessments`` as the embedded backend, but probes nothing itself: a
+miss queues the domain for the ``tlsmilter worker`` fleet. A worker
 publishes each stored assessment on a channel; a listener thread wakes the callback threads
 waiting at end-of-message, so the wait ends as soon as the result is there. The wait also
 re-reads the cache every ``POLL`` seconds, so a notice lost while the listener reconnects
@@ -18,10 +18,10 @@ from collections.abc import Iterable
 import redis
 
 from tlsmilter import config
-from tlsmilter.cache import Entry, State
 from tlsmilter.errors import CacheUnavailable
-from tlsmilter.probequeue import ProbeRequests
-from tlsmilter.rediscache import RedisCache
+from tlsmilter.store.base import Assessments, State
+from tlsmilter.store.redis.cache import RedisCache
+from tlsmilter.store.redis.queue import ProbeRequests
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,21 @@ LISTEN_TICK = 0.25  # seconds between the listener's looks at whether it should 
 LISTEN_RETRY = 1.0  # seconds between attempts to resubscribe while Redis is down
 
 
-class SharedEngine:
+class SharedAssessments(Assessments):
+    """Assessments from the shared Redis cache, probed by the worker fleet.
+
+    ``start`` runs the listener that wakes waiting callers when a worker stores a result;
+    a process that never waits (the policy server) still starts it: its subscription also
+    notices an outage, and its end, while no lookups come.
+    """
+
+    backend = RedisCache.backend
+
     def __init__(self, settings: config.Config, *, cache: RedisCache | None = None) -> None:
+        self.redis = cache or RedisCache(settings)
+        super().__init__(self.redis, settings.cache)
         self.settings = settings
-        self.cache = cache or RedisCache(settings)
-        self.requests = ProbeRequests(settings, self.cache.client, self.cache.health)
+        self.requests = ProbeRequests(settings, self.redis.client, self.redis.health)
         self._waiters: dict[str, set[threading.Event]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -49,15 +59,16 @@ class SharedEngine:
         if self._listener.is_alive():
             self._listener.join(timeout=LISTEN_RETRY + 2)
 
-    def lookup(self, domain: str) -> tuple[State, Entry | None]:
-        """Cache lookup that queues a probe on a miss, a stale entry or one due for refresh."""
-        state, entry = self.cache.get(domain)
-        if state is not State.HIT or (entry is not None and self.cache.due(entry)):
-            self.requests.request(domain)
-        return state, entry
+    def _request(self, domain: str) -> None:
+        self.requests.request(domain)
 
-    def request(self, domain: str) -> bool:
-        return self.requests.request(domain)
+    def ping(self) -> bool:
+        """Whether Redis answers; keeps tlsmilter_redis_up current while idle."""
+        return self.redis.ping()
+
+    def close(self) -> None:
+        """Close the Redis connections (after ``stop``)."""
+        self.redis.client.close()
 
     def wait(self, domains: Iterable[str], timeout: float) -> None:
         """Block until every domain has a usable assessment, or ``timeout``."""
@@ -88,7 +99,7 @@ class SharedEngine:
 
     def _missing(self, domain: str) -> bool:
         try:
-            state, _entry = self.cache.get(domain)
+            state, _entry = self.redis.get(domain)
         except CacheUnavailable:
             return False  # nothing to wait for: the milter fails safe on its own read
         return state is State.MISS
@@ -100,22 +111,22 @@ class SharedEngine:
             event.set()
 
     def _listen(self) -> None:
-        channel = self.cache.keys.assessed
+        channel = self.redis.keys.assessed
         while not self._stop.is_set():
-            pubsub = self.cache.client.pubsub(  # type: ignore[no-untyped-call]
+            pubsub = self.redis.client.pubsub(  # type: ignore[no-untyped-call]
                 ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(channel)
                 # The subscription is a connection that notices an outage while the milter
                 # is idle, and its return ends one: tlsmilter_redis_up stays true either way.
-                self.cache.health.ok()
+                self.redis.health.ok()
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=LISTEN_TICK)
                     if message and message.get("type") == "message":
                         data = message["data"]
                         self._notify(data.decode() if isinstance(data, bytes) else str(data))
             except (redis.RedisError, OSError) as exc:
-                self.cache.health.failed(exc)
+                self.redis.health.failed(exc)
                 self._stop.wait(LISTEN_RETRY)
             except Exception:  # a bug must not end the listener: waits would only poll
                 log.exception("the assessment listener failed; starting it again")

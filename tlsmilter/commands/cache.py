@@ -7,10 +7,10 @@ import datetime as dt
 import json
 
 from tlsmilter import config
-from tlsmilter.cache import Entry
-from tlsmilter.domains import InvalidDomain, normalize_domain
+from tlsmilter.core.domains import InvalidDomain, normalize_domain
 from tlsmilter.errors import TlsmilterError, UsageError
-from tlsmilter.rediscache import RedisCache, classify
+from tlsmilter.store.base import Entry, freshness
+from tlsmilter.store.redis.cache import RedisCache
 
 
 def run_cache_command(settings: config.Config, args: argparse.Namespace) -> int:
@@ -32,7 +32,7 @@ def _domain(text: str) -> str:
 
 
 def _line(domain: str, entry: Entry, now: float) -> str:
-    state = classify(entry, now).value
+    state = freshness(entry, now).value
     age = _duration(now - entry.stored_at)
     expires = entry.fresh_until - now
     when = (f"fresh for {_duration(expires)}" if expires > 0
@@ -71,7 +71,7 @@ def _list(cache: RedisCache, args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"domain": domain, "level": entry.level,
                               "score": entry.assessment.get("score"),
-                              "state": classify(entry, now).value,
+                              "state": freshness(entry, now).value,
                               "stored_at": _iso(entry.stored_at),
                               "fresh_until": _iso(entry.fresh_until)}, sort_keys=True))
         else:

@@ -1,7 +1,7 @@
-"""The pymilter glue: gather recipients and headers, apply the verdict of ``policy.decide``.
+"""The pymilter glue: gather recipients and headers, apply the verdict of ``core.verdict.decide``.
 
-Fail-safe rules (DESIGN.md): a fault never delays or refuses a normal message, and never lets
-a sensitive one through unchecked; sensitive mail is tempfailed with a clear text instead.
+Fail-safe rules (docs/design.md): a fault never delays or refuses a normal message, and never
+lets a sensitive one through unchecked; sensitive mail is tempfailed with a clear text instead.
 Headers tlsmilter adds are stripped from every message if a sender forged them.
 """
 
@@ -16,24 +16,20 @@ from typing import Any, TypeVar
 
 import Milter
 
-from tlsmilter import config, metrics
-from tlsmilter.cache import Entry
-from tlsmilter.domains import InvalidDomain, normalize_domain
-from tlsmilter.engine import Assessments
+from tlsmilter import config, labels, metrics
+from tlsmilter.core.decisionlog import format_decision, format_fail_safe
+from tlsmilter.core.domains import InvalidDomain, normalize_domain
+from tlsmilter.core.levels import UNKNOWN, Level
+from tlsmilter.core.reasons import INVALID_DOMAIN, LEVEL_TOO_LOW, NOT_ASSESSED, first_problem
+from tlsmilter.core.sensitivity import classify_sensitivity
+from tlsmilter.core.verdict import Action, DomainStatus, Policy, Verdict, decide
+from tlsmilter.daemons import instrument
 from tlsmilter.errors import CacheUnavailable
-from tlsmilter.levels import UNKNOWN, Level
-from tlsmilter.metrics import (
-    INVALID_DOMAIN,
-    LEVEL_TOO_LOW,
-    NOT_ASSESSED,
-    FailSafe,
-    RecipientLevel,
-    Stage,
-)
-from tlsmilter.policy import Action, DomainStatus, Policy, Verdict, decide
-from tlsmilter.sensitivity import classify
+from tlsmilter.labels import FailSafe, RecipientLevel, Stage
+from tlsmilter.store.base import Assessments, Entry
 
-log = logging.getLogger(__name__)
+# The decision log's logger keeps the name it always had: operators filter on it.
+log = logging.getLogger("tlsmilter.milter")
 
 ROUTE_HEADER = "X-TLSMilter-Route"
 ASSESSMENT_HEADER = "X-TLSMilter-Assessment"
@@ -55,7 +51,7 @@ TEMPFAIL: int = Milter.TEMPFAIL
 
 
 def policies_from(settings: config.Config) -> dict[str, Policy]:
-    metrics.init_labels(settings)  # once per configuration: its policy names label messages
+    """The configured policies as ``core.verdict.Policy`` objects, by name."""
     return {
         name: Policy(name, Level(p.require.value), Action(p.on_insecure.value),
                      Action(p.on_unknown.value), tuple(p.reply))
@@ -104,7 +100,7 @@ def _fail_safe(stage: str, timed: Stage) -> Callable[[F], F]:
                 return func(self, *args)
             except Exception as exc:
                 log.exception("internal error in %s; message passes to end-of-message", stage)
-                metrics.fail_safe(_fail_safe_reason(exc, FailSafe.CALLBACK_ERROR))
+                instrument.fail_safe(_fail_safe_reason(exc, FailSafe.CALLBACK_ERROR))
                 self.failed = True
                 return CONTINUE
             finally:
@@ -127,9 +123,9 @@ def _noreply(func: F) -> F:
 class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
     """One instance per SMTP connection (libmilter calls it from one thread at a time)."""
 
-    def __init__(self, engine: Assessments, settings: config.Config,
+    def __init__(self, assessments: Assessments, settings: config.Config,
                  policies: dict[str, Policy]) -> None:
-        self.engine = engine
+        self.assessments = assessments
         self.settings = settings
         self.policies = policies
         self.watched = {h.lower() for h in settings.sensitivity.headers}
@@ -188,7 +184,7 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         if domain in self.msg.recipients:
             return self.msg.recipients[domain].seen
         # Starts the probe now, so it is likely done by EOM.
-        _state, entry = self.engine.lookup(domain)
+        _state, entry = self.assessments.lookup(domain)
         seen = _SEEN.get(entry.level, RecipientLevel.UNKNOWN) if entry else RecipientLevel.PENDING
         self.msg.recipients[domain] = Recipient(domain, seen=seen)
         return seen
@@ -230,16 +226,16 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         queue_id = self.getsymval("i") or "-"
         try:
             self._strip_forged()
-            policy, value = classify(
+            policy, value = classify_sensitivity(
                 self.msg.headers, watched=self.watched,
                 values=self.settings.sensitivity.values,
                 fail_safe=self.settings.sensitivity.fail_safe_policy, policies=self.policies)
         except Exception:
             log.exception("queue_id=%s internal error classifying the message", queue_id)
-            metrics.fail_safe(FailSafe.CLASSIFY_ERROR)
-            return self._fail(queue_id, metrics.UNCLASSIFIED, sensitive=bool(self.msg.headers))
+            instrument.fail_safe(FailSafe.CLASSIFY_ERROR)
+            return self._fail(queue_id, labels.UNCLASSIFIED, sensitive=bool(self.msg.headers))
         if policy is None:
-            self._count(metrics.NOT_SENSITIVE, Action.ACCEPT)
+            self._count(labels.NOT_SENSITIVE, Action.ACCEPT)
             return ACCEPT  # not sensitive: untouched and not delayed
         if self.failed:  # counted as a fail-safe activation where it happened
             log.warning("queue_id=%s an earlier callback failed", queue_id)
@@ -252,12 +248,12 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             result = self._apply(verdict, statuses)
         except Exception as exc:
             log.exception("queue_id=%s internal error deciding a sensitive message", queue_id)
-            metrics.fail_safe(_fail_safe_reason(exc, FailSafe.DECIDE_ERROR))
+            instrument.fail_safe(_fail_safe_reason(exc, FailSafe.DECIDE_ERROR))
             return self._fail(queue_id, policy.name, sensitive=True)
         try:  # the verdict is applied: counting it must not change it
             self._count(policy.name, verdict.action)
             for failing in verdict.failing:
-                metrics.refused_domain(self.msg.reason_codes.get(failing.domain, UNKNOWN))
+                instrument.refused_domain(self.msg.reason_codes.get(failing.domain, UNKNOWN))
         except Exception:
             log.exception("queue_id=%s internal error counting the decision", queue_id)
         return result
@@ -280,8 +276,7 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         if not sensitive:
             self._count(sensitivity, Action.ACCEPT)
             return ACCEPT
-        log.warning("decision queue_id=%s sensitivity=%s verdict=tempfail reason=internal_error",
-                    queue_id, sensitivity)
+        log.warning("%s", format_fail_safe(queue_id, sensitivity))
         self._count(sensitivity, Action.TEMPFAIL)
         self.setreply(*FAIL_SAFE_REPLY)
         return TEMPFAIL
@@ -299,13 +294,13 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         ``policy``: only their reasons reach the reply, the log and the metrics.
         """
         domains = [d for d, r in self.msg.recipients.items() if not r.invalid]
-        entries = {d: self.engine.cache.get(d)[1] for d in domains}
+        entries = {d: self.assessments.get(d)[1] for d in domains}
         pending = [d for d in domains if self._level(entries[d]) is None]
         if pending:
             started = time.perf_counter()
-            self.engine.wait(pending, self.settings.milter.eom_wait)
+            self.assessments.wait(pending, self.settings.milter.eom_wait)
             metrics.EOM_WAIT_SECONDS.observe(time.perf_counter() - started)
-            entries.update((d, self.engine.cache.get(d)[1]) for d in pending)
+            entries.update((d, self.assessments.get(d)[1]) for d in pending)
         statuses = []
         codes = self.msg.reason_codes
         for domain, recipient in self.msg.recipients.items():
@@ -323,7 +318,7 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             if level is not None and level >= policy.require:
                 statuses.append(DomainStatus(domain, level))
                 continue
-            why, code = _first_problem(entry)
+            why, code = first_problem(entry.assessment)
             statuses.append(DomainStatus(domain, level, why))
             codes[domain] = code or (UNKNOWN if level is None else LEVEL_TOO_LOW)
         return statuses
@@ -363,34 +358,8 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
 
     def _log(self, queue_id: str, value: str, statuses: list[DomainStatus],
              verdict: Verdict) -> None:
-        levels = ",".join(f"{_printable(s.domain)}:{s.level.value if s.level else UNKNOWN}"
-                          for s in statuses) or "-"
-        codes = self.msg.reason_codes
-        log.info(
-            "decision queue_id=%s sensitivity=%s policy=%s require=%s verdict=%s%s "
-            "domains=%s failing=%s reasons=%s",
-            queue_id, _printable(value), verdict.policy.name, verdict.policy.require.value,
-            verdict.action.value,
-            f" would_be={verdict.would_be.value}" if verdict.would_be else "",
-            levels, ",".join(_printable(d.domain) for d in verdict.failing) or "-",
-            ",".join(f"{_printable(d.domain)}:{codes.get(d.domain, UNKNOWN)}"
-                     for d in verdict.failing) or "-",
-        )
-
-
-def _first_problem(entry: Entry) -> tuple[str, str]:
-    """The first problem the assessment found: in plain language, and its reason code."""
-    for reason in entry.assessment.get("reasons", []):
-        if reason.get("severity") == "problem":
-            host = f" ({reason['host']})" if reason.get("host") else ""
-            return f"{reason['text'].split(' (')[0]}{host}", str(reason.get("code", ""))
-    return "", ""
-
-
-def _printable(text: str) -> str:
-    """Header-derived text for a log line: ASCII, no spaces or control characters."""
-    return "".join(c if c.isascii() and c.isprintable() and c != " " else "?" for c in text) \
-        or "-"
+        log.info("%s", format_decision(queue_id, value, statuses, verdict,
+                                       self.msg.reason_codes))
 
 
 def _escape(lines: tuple[str, ...]) -> tuple[str, ...]:

@@ -11,7 +11,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from tlsmilter.levels import Level
+from tlsmilter.core.levels import Level
 
 
 class Action(enum.Enum):

@@ -1,7 +1,7 @@
-"""The embedded engine: cache plus prober on an asyncio loop in its own thread.
+"""The embedded backend: the memory cache, filled by a prober on an asyncio loop of its own.
 
-libmilter calls the milter from its own threads; they ask the engine for assessments and wait
-on ``concurrent.futures`` with a bound. One probe per domain is in flight at a time, and the
+libmilter calls the milter from its own threads; they ask for assessments and wait on
+``concurrent.futures`` with a bound. One probe per domain is in flight at a time, and the
 number in flight is bounded so a flood of new domains cannot grow memory without limit.
 """
 
@@ -11,61 +11,60 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from tlsmilter import config, metrics
+from tlsmilter.assess.model import Assessment
 from tlsmilter.assess.prober import Prober
-from tlsmilter.cache import Entry, MemoryCache, State
+from tlsmilter.store.base import Assessments
+from tlsmilter.store.memory import MemoryCache
 
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 1000
 
 
-class Cache(Protocol):
-    def get(self, domain: str) -> tuple[State, Entry | None]: ...
+class DomainProber(Protocol):
+    """What the embedded backend needs of a prober: ``assess.prober.Prober`` or a fake."""
+
+    async def assess(self, domain: str) -> Assessment: ...
 
 
-class Assessments(Protocol):
-    """What the milter needs: the embedded ``Engine`` or the Redis ``SharedEngine``."""
+class EmbeddedAssessments(Assessments):
+    """Assessments from the in-process cache, probed in-process: ``tlsmilter serve`` alone.
 
-    @property
-    def cache(self) -> Cache: ...
+    ``make_prober`` builds the prober on the backend's loop (its semaphores and locks belong
+    there); by default a plain ``Prober``. ``prober`` gives a ready one instead (tests).
+    """
 
-    def lookup(self, domain: str) -> tuple[State, Entry | None]: ...
+    backend = MemoryCache.backend
 
-    def wait(self, domains: Iterable[str], timeout: float) -> None: ...
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-
-class Engine:
-    def __init__(self, settings: config.Config, *, prober: Prober | None = None,
+    def __init__(self, settings: config.Config, *, prober: DomainProber | None = None,
+                 make_prober: Callable[[], DomainProber] | None = None,
                  cache: MemoryCache | None = None) -> None:
+        self.memory = cache or MemoryCache(settings.cache)
+        super().__init__(self.memory, settings.cache)
         self.settings = settings
-        self.cache = cache or MemoryCache(settings.cache)
         self._prober = prober
+        self._make_prober = make_prober or (lambda: Prober(settings.prober))
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="tlsmilter-engine", daemon=True)
         self._pending: dict[str, concurrent.futures.Future[dict[str, Any]]] = {}
         self._lock = threading.Lock()
-        self.overflow = 0
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
+        """The backend's event loop: daemons may host the policy server on it."""
         return self._loop
 
     def start(self) -> None:
         self._thread.start()
-        # The prober's semaphores and locks belong to the engine loop: build it there.
-        asyncio.run_coroutine_threadsafe(self._make_prober(), self._loop).result(timeout=10)
+        asyncio.run_coroutine_threadsafe(self._build_prober(), self._loop).result(timeout=10)
 
-    async def _make_prober(self) -> None:
+    async def _build_prober(self) -> None:
         if self._prober is None:
-            self._prober = Prober(self.settings.prober)
+            self._prober = self._make_prober()
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -85,21 +84,16 @@ class Engine:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
 
-    def lookup(self, domain: str) -> tuple[State, Entry | None]:
-        """Cache lookup that starts a probe on a miss or a stale entry."""
-        state, entry = self.cache.get(domain)
-        if state is not State.HIT or (entry is not None and self.cache.due(entry)):
-            self.request(domain)
-        return state, entry
+    def _request(self, domain: str) -> None:
+        self.assess(domain)
 
-    def request(self, domain: str) -> concurrent.futures.Future[dict[str, Any]] | None:
+    def assess(self, domain: str) -> concurrent.futures.Future[dict[str, Any]] | None:
         """Start assessing ``domain`` unless already in flight; None when over capacity."""
         with self._lock:
             future = self._pending.get(domain)
             if future is not None:
                 return future
             if len(self._pending) >= MAX_IN_FLIGHT:
-                self.overflow += 1
                 metrics.PROBE_QUEUE_OVERFLOW.inc()
                 log.warning("probe queue full (%d in flight): %s not assessed now",
                             MAX_IN_FLIGHT, domain)
@@ -128,11 +122,10 @@ class Engine:
         except Exception:
             log.exception("assessing %s failed", domain)
             raise
-        self.cache.put(result)
+        self.memory.put(result)
         return result
 
     def wait(self, domains: Iterable[str], timeout: float) -> None:
-        """Block until every domain with a probe in flight has finished, or ``timeout``."""
         with self._lock:
             futures = [f for d in domains if (f := self._pending.get(d)) is not None]
         if futures:

@@ -25,7 +25,8 @@ import redis
 import redis.asyncio
 
 from tlsmilter import config, metrics
-from tlsmilter.rediscache import Health, Keys
+from tlsmilter.store.redis.connection import Health
+from tlsmilter.store.redis.records import Keys
 
 log = logging.getLogger(__name__)
 

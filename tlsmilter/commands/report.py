@@ -1,7 +1,8 @@
 """``tlsmilter report``: the per-domain view that Prometheus must not carry.
 
-Reads the milter's decision log lines (docs/metrics.md, "The decision log line") from files or
-standard input, e.g. ``journalctl -u tlsmilter -o cat | tlsmilter report``, and prints the
+Reads the milter's decision log lines (``core.decisionlog``; docs/metrics.md, "The decision
+log line") from files or standard input, e.g. ``journalctl -u tlsmilter -o cat | tlsmilter
+report``, and prints the
 domains most often refused for sensitive mail with their reasons, and the level mix of the
 recipient domains seen. With ``cache.backend = "redis"`` it adds the level mix of the shared
 cache. Lines that are not decision lines are skipped, so a whole log can be piped in.
@@ -18,66 +19,11 @@ from pathlib import Path
 from typing import TextIO
 
 from tlsmilter import config
+from tlsmilter.core.decisionlog import UNRECORDED, Decision, decisions
+from tlsmilter.core.levels import UNKNOWN, Level
 from tlsmilter.errors import TlsmilterError, UsageError
-from tlsmilter.levels import UNKNOWN, Level
 
-MARK = "decision queue_id="
 LEVELS = (*(level.value for level in reversed(Level)), UNKNOWN)
-UNRECORDED = "unrecorded"  # a line from before decision lines carried reasons=
-
-
-@dataclass(frozen=True)
-class Decision:
-    """One parsed decision line."""
-
-    queue_id: str
-    verdict: str
-    policy: str = ""
-    would_be: str = ""
-    levels: dict[str, str] = field(default_factory=dict)  # domain -> level
-    failing: tuple[str, ...] = ()
-    reasons: dict[str, str] = field(default_factory=dict)  # failing domain -> reason code
-    internal_error: bool = False
-
-    @property
-    def refused(self) -> bool:
-        """Refused, held, or (in monitor mode, or by a tag policy) let through flagged."""
-        return self.verdict != "accept"
-
-
-def parse(line: str) -> Decision | None:
-    """The decision on ``line``, or None if it carries none (any prefix is ignored)."""
-    start = line.find(MARK)
-    if start < 0:
-        return None
-    fields = dict(part.partition("=")[::2] for part in line[start:].split()[1:] if "=" in part)
-    if "verdict" not in fields:
-        return None
-    failing = tuple(d for d in fields.get("failing", "-").split(",") if d and d != "-")
-    reasons = _pairs(fields["reasons"]) if "reasons" in fields else dict.fromkeys(
-        failing, UNRECORDED)
-    return Decision(
-        queue_id=fields["queue_id"], verdict=fields["verdict"], policy=fields.get("policy", ""),
-        would_be=fields.get("would_be", ""), levels=_pairs(fields.get("domains", "-")),
-        failing=failing, reasons=reasons,
-        internal_error=fields.get("reason") == "internal_error")
-
-
-def _pairs(text: str) -> dict[str, str]:
-    """``a.example:none,b.example:dane`` as a dict; the last colon splits (IPv6 literals)."""
-    pairs = {}
-    for item in text.split(","):
-        key, sep, value = item.rpartition(":")
-        if sep and key:
-            pairs[key] = value
-    return pairs
-
-
-def decisions(lines: Iterable[str]) -> Iterator[Decision]:
-    for line in lines:
-        decision = parse(line)
-        if decision is not None:
-            yield decision
 
 
 @dataclass
@@ -167,7 +113,7 @@ def _read(paths: list[str], stdin: TextIO) -> Iterator[str]:
 def _cache_levels(settings: config.Config) -> dict[str, int] | None:
     if settings.cache.backend is not config.CacheBackend.REDIS:
         return None
-    from tlsmilter.rediscache import RedisCache  # only with Redis: imports the client
+    from tlsmilter.store.redis.cache import RedisCache  # only with Redis: imports the client
 
     try:
         return dict(RedisCache(settings).stats().levels)

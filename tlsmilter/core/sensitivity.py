@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from tlsmilter.policy import Policy
+from tlsmilter.core.verdict import Policy
 
 NOT_SENSITIVE = ""  # a value mapped to this (e.g. "normal") marks the message as not sensitive
 
 
-def classify(headers: Iterable[tuple[str, str]], *, watched: Iterable[str],
+def classify_sensitivity(headers: Iterable[tuple[str, str]], *, watched: Iterable[str],
              values: Mapping[str, str], fail_safe: str,
              policies: Mapping[str, Policy]) -> tuple[Policy | None, str]:
     """The strictest policy named by the watched headers, and the value that chose it.

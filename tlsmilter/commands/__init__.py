@@ -1,0 +1,1 @@
+"""Operator commands that are not daemons: ``report`` and ``cache``."""

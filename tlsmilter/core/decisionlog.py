@@ -1,0 +1,110 @@
+"""The decision-log line: one per sensitive message, formatted and parsed here only.
+
+The milter logs it (``format_decision``, ``format_fail_safe``); ``tlsmilter report`` and the
+tests read it back (``parse``). docs/metrics.md, "The decision log line", documents the
+fields::
+
+    decision queue_id=4XyZ1 sensitivity=private policy=private require=verified
+    verdict=reject domains=a.example:none,b.example:verified failing=a.example
+    reasons=a.example:no_starttls
+
+Every value a sender controls (the sensitivity header's value, recipient domains) is made
+printable ASCII without spaces, so a line always splits back into its fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from tlsmilter.core.levels import UNKNOWN
+from tlsmilter.core.verdict import DomainStatus, Verdict
+
+MARK = "decision queue_id="
+UNRECORDED = "unrecorded"  # a line from before decision lines carried reasons=
+INTERNAL_ERROR = "internal_error"  # reason= of a fail-safe tempfail
+
+
+def printable(text: str) -> str:
+    """Sender-controlled text for a log line: ASCII, no spaces or control characters."""
+    return "".join(c if c.isascii() and c.isprintable() and c != " " else "?" for c in text) \
+        or "-"
+
+
+def format_decision(queue_id: str, sensitivity: str, statuses: Sequence[DomainStatus],
+                    verdict: Verdict, reason_codes: Mapping[str, str]) -> str:
+    """The line for a decided message; ``reason_codes`` maps failing domains to codes."""
+    levels = ",".join(f"{printable(s.domain)}:{s.level.value if s.level else UNKNOWN}"
+                      for s in statuses) or "-"
+    would_be = f" would_be={verdict.would_be.value}" if verdict.would_be else ""
+    failing = ",".join(printable(d.domain) for d in verdict.failing) or "-"
+    reasons = ",".join(f"{printable(d.domain)}:{reason_codes.get(d.domain, UNKNOWN)}"
+                       for d in verdict.failing) or "-"
+    return (f"{MARK}{queue_id} sensitivity={printable(sensitivity)} "
+            f"policy={verdict.policy.name} require={verdict.policy.require.value} "
+            f"verdict={verdict.action.value}{would_be} domains={levels} failing={failing} "
+            f"reasons={reasons}")
+
+
+def format_fail_safe(queue_id: str, sensitivity: str) -> str:
+    """The line for a sensitive message tempfailed because tlsmilter itself failed."""
+    return (f"{MARK}{queue_id} sensitivity={printable(sensitivity)} verdict=tempfail "
+            f"reason={INTERNAL_ERROR}")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One parsed decision line."""
+
+    queue_id: str
+    verdict: str
+    sensitivity: str = ""
+    policy: str = ""
+    require: str = ""
+    would_be: str = ""
+    levels: dict[str, str] = field(default_factory=dict)  # domain -> level
+    failing: tuple[str, ...] = ()
+    reasons: dict[str, str] = field(default_factory=dict)  # failing domain -> reason code
+    internal_error: bool = False
+
+    @property
+    def refused(self) -> bool:
+        """Refused, held, or (in monitor mode, or by a tag policy) let through flagged."""
+        return self.verdict != "accept"
+
+
+def parse(line: str) -> Decision | None:
+    """The decision on ``line``, or None if it carries none (any prefix is ignored)."""
+    start = line.find(MARK)
+    if start < 0:
+        return None
+    fields = dict(part.partition("=")[::2] for part in line[start:].split()[1:] if "=" in part)
+    if "verdict" not in fields:
+        return None
+    failing = tuple(d for d in fields.get("failing", "-").split(",") if d and d != "-")
+    reasons = _pairs(fields["reasons"]) if "reasons" in fields else dict.fromkeys(
+        failing, UNRECORDED)
+    return Decision(
+        queue_id=fields["queue_id"], verdict=fields["verdict"],
+        sensitivity=fields.get("sensitivity", ""), policy=fields.get("policy", ""),
+        require=fields.get("require", ""), would_be=fields.get("would_be", ""),
+        levels=_pairs(fields.get("domains", "-")), failing=failing, reasons=reasons,
+        internal_error=fields.get("reason") == INTERNAL_ERROR)
+
+
+def _pairs(text: str) -> dict[str, str]:
+    """``a.example:none,b.example:dane`` as a dict; the last colon splits (IPv6 literals)."""
+    pairs = {}
+    for item in text.split(","):
+        key, sep, value = item.rpartition(":")
+        if sep and key:
+            pairs[key] = value
+    return pairs
+
+
+def decisions(lines: Iterable[str]) -> Iterator[Decision]:
+    """The decisions among ``lines``; other lines are skipped."""
+    for line in lines:
+        decision = parse(line)
+        if decision is not None:
+            yield decision

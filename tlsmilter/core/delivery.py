@@ -1,0 +1,111 @@
+"""The delivery TLS policy: which Postfix TLS security level enforces an assessed level.
+
+Postfix's smtp client asks, per next-hop domain, which TLS security level to enforce
+(``smtp_tls_policy_maps``). ``policy_for`` turns a domain's cached assessment (the
+``check --json`` object) into that answer, never weaker than the assessed level;
+``normalize_key`` says which domain a Postfix lookup key names. Pure: the socketmap server
+(``daemons.socketmap``) does the talking.
+
+``dane-only`` and ``verify`` rely on Postfix's own DNSSEC lookups: they need
+``smtp_dns_support_level = dnssec`` and a validating resolver, as DANE always does.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+from tlsmilter.core.domains import InvalidDomain, normalize_domain
+
+AssessmentJson = Mapping[str, Any]
+
+
+class PolicyAnswer(enum.Enum):
+    """What a TLS policy lookup was answered with; values double as metric label values."""
+
+    DANE_ONLY = "dane-only"
+    SECURE = "secure"
+    VERIFY = "verify"
+    ENCRYPT = "encrypt"
+    NOTFOUND = "notfound"
+    TEMP = "temp"
+    PERM = "perm"
+
+
+def policy_for(assessment: AssessmentJson | None) -> str | None:
+    """The ``smtp_tls_policy_maps`` value enforcing ``assessment``'s level, or None.
+
+    None (NOTFOUND) leaves Postfix's own default in force: for ``none`` and ``unknown``
+    there is nothing tlsmilter vouches for, and the milter never routes sensitive mail to
+    such a domain. The result is never weaker than the assessed level.
+    """
+    if not isinstance(assessment, Mapping):
+        return None
+    level = assessment.get("level")
+    if level == "dane":
+        return "dane-only"
+    if level == "encrypted":
+        return "encrypt"
+    if level != "verified":
+        return None
+    # SNI as the prober sent it: a server choosing its certificate by name must show
+    # Postfix the certificate the assessment checked.
+    if assessment.get("dnssec") is True:
+        # The MX RRset is DNSSEC-validated, so the MX host name Postfix looks up at delivery
+        # is as trustworthy as the one we assessed, and may even change in between.
+        return "verify match=hostname servername=hostname"
+    hosts = _sts_hosts(assessment) if assessment.get("mta_sts") == "enforce" else []
+    if hosts:
+        # MTA-STS alone: the MX lookup at delivery is forgeable, so the certificate must
+        # name an authenticated MX host. We pin the MX host names we assessed rather than
+        # translating the policy's patterns: Postfix's ".example.com" matches names at any
+        # depth where MTA-STS's "*.example.com" matches exactly one label, and the policy
+        # may cover hosts we never checked. The price: if the domain changes its MX set
+        # before the cached assessment expires, delivery to a new host defers until the
+        # next assessment; Postfix retries, nothing is lost.
+        return f"secure match={':'.join(hosts)} servername=hostname"
+    # "verified" with neither DNSSEC nor an enforced policy's MX hosts: an inconsistent
+    # assessment. Still demand verification (Postfix's default names for "secure") rather
+    # than enforce less than was claimed; at worst the mail defers.
+    return "secure match=nexthop:dot-nexthop servername=hostname"
+
+
+def _sts_hosts(assessment: AssessmentJson) -> list[str]:
+    """Names of the MX hosts the MTA-STS policy authenticated, normalised, in MX order."""
+    mx = assessment.get("mx")
+    hosts: list[str] = []
+    for entry in mx if isinstance(mx, list) else []:
+        if not isinstance(entry, Mapping) or "mta-sts" not in (entry.get("authenticated_by")
+                                                              or []):
+            continue
+        host = entry.get("host")
+        if not isinstance(host, str):
+            continue
+        try:
+            name = normalize_domain(host)  # also keeps ":" and spaces out of the policy
+        except InvalidDomain:
+            continue
+        if name not in hosts:
+            hosts.append(name)
+    return hosts
+
+
+def normalize_key(key: str) -> str | None:
+    """The domain a Postfix next-hop ``key`` names, or None when no assessment applies.
+
+    ``[host]`` and ``[host]:port`` skip the MX lookup and IP literals have no MX: neither
+    is what was assessed. ``domain:port`` applies only for port 25. A leading dot (a
+    parent-domain key, which socketmap clients do not send) never inherits a policy.
+    """
+    text = key.strip()
+    if not text or text.startswith(("[", ".")):
+        return None
+    if ":" in text:
+        text, _, port = text.rpartition(":")
+        if port not in ("25", "smtp"):
+            return None
+    try:
+        return normalize_domain(text)
+    except InvalidDomain:
+        return None

@@ -1,0 +1,113 @@
+"""The socketmap policy server on either backend, and ``tlsmilter policy-server``.
+
+``policy_lookup`` answers Postfix from any ``Assessments``; ``start_policy_server`` runs the
+socketmap server with it on a given event loop. ``tlsmilter serve`` hosts it on the embedded
+backend's loop (the assessments the milter decided on live in that process); with the shared
+cache, ``tlsmilter policy-server`` runs it as a process of its own, answering from the
+assessments every milter decided on. A lookup the backend cannot answer gets ``TEMP``:
+Postfix defers the delivery and tries again, never weakening TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+from tlsmilter import config
+from tlsmilter.core.delivery import AssessmentJson
+from tlsmilter.daemons import instrument
+from tlsmilter.daemons.sdnotify import sd_notify
+from tlsmilter.daemons.socketmap import Lookup, PolicyServer
+from tlsmilter.errors import TlsmilterError
+from tlsmilter.store.base import Assessments
+from tlsmilter.store.redis.connection import describe
+from tlsmilter.store.shared import SharedAssessments
+
+log = logging.getLogger(__name__)
+
+HEALTH_EVERY = 5.0  # seconds between Redis pings while no lookups come
+
+
+def policy_lookup(assessments: Assessments) -> Lookup:
+    """The policy server's lookup: the cached assessment, never waited for.
+
+    A missing or stale domain is assessed again at once, so a delivery the strict map
+    deferred finds it assessed at its next try. The backend's lookup may block (Redis), so
+    it runs in a thread.
+    """
+    async def lookup(domain: str) -> AssessmentJson | None:
+        _state, entry = await asyncio.to_thread(assessments.lookup, domain)
+        return entry.assessment if entry else None
+
+    return lookup
+
+
+def unix_path(spec: str) -> Path | None:
+    """The path of a ``unix:/PATH`` socket spec; None for other kinds."""
+    kind, _, rest = spec.partition(":")
+    return Path(rest) if kind == "unix" else None
+
+
+def start_policy_server(assessments: Assessments, settings: config.PolicyServerSettings,
+                        loop: asyncio.AbstractEventLoop) -> PolicyServer | None:
+    """Listen on ``policy_server.socket`` from ``loop`` (running in another thread)."""
+    path = unix_path(settings.socket)
+    if path is None:
+        return None
+    server = PolicyServer(policy_lookup(assessments), str(path), map_name=settings.map_name,
+                          mode=int(settings.socket_mode, 8))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
+    except (OSError, TlsmilterError) as exc:
+        raise TlsmilterError(f"policy_server.socket {settings.socket}: {exc}") from None
+    return server
+
+
+def run_policy_server(settings: config.Config) -> int:
+    """``tlsmilter policy-server``: serve Postfix's lookups until SIGTERM or SIGINT."""
+    if settings.cache.backend is not config.CacheBackend.REDIS:
+        raise TlsmilterError('policy-server needs cache.backend = "redis": with the embedded '
+                             "cache, tlsmilter serve runs the policy server itself")
+    path = Path(settings.policy_server.socket.removeprefix("unix:"))
+    instrument.init_labels(settings)
+    stop_metrics = instrument.start_metrics_server(settings.policy_server.metrics_listen)
+    assessments = SharedAssessments(settings)
+
+    async def main() -> None:
+        server = PolicyServer(policy_lookup(assessments), str(path),
+                              map_name=settings.policy_server.map_name,
+                              mode=int(settings.policy_server.socket_mode, 8))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            await server.start()
+        except OSError as exc:
+            raise TlsmilterError(f"policy_server.socket {settings.policy_server.socket}: "
+                                 f"{exc.strerror or exc}") from None
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        log.info("policy server on %s answering from %s", path, describe(settings.redis))
+        sd_notify("READY=1")
+        try:
+            # Deliveries may be rare: ping so that an outage, and its end, show while idle.
+            while not stop.is_set():
+                await asyncio.to_thread(assessments.ping)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), HEALTH_EVERY)
+        finally:
+            sd_notify("STOPPING=1")
+            await server.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        assessments.close()
+        if stop_metrics is not None:
+            stop_metrics()
+    log.info("policy server stopped")
+    return 0

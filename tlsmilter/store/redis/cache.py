@@ -1,0 +1,136 @@
+"""The shared assessment cache on Redis, as the milter and the policy server read it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from tlsmilter import config, metrics
+from tlsmilter.errors import CacheUnavailable
+from tlsmilter.store.base import Entry, State, freshness
+from tlsmilter.store.redis.connection import Health, connect, describe
+from tlsmilter.store.redis.records import Keys, decode, encode
+
+
+@dataclass(frozen=True)
+class Stats:
+    entries: int
+    levels: dict[str, int]
+    queue_length: int
+    overflow: int
+    workers: int
+    probing: int
+
+
+class RedisCache:
+    """The shared cache, with the same ``get``/``put``/``flush``/``now`` as ``MemoryCache``."""
+
+    backend = "redis"
+
+    def __init__(self, settings: config.Config, client: redis.Redis | None = None,
+                 clock: Callable[[], float] = time.time, health: Health | None = None) -> None:
+        self._settings = settings.cache
+        self.keys = Keys(settings.redis.prefix)
+        self.client = client or connect(settings.redis)
+        self._clock = clock
+        self.health = health or Health(describe(settings.redis))
+
+    def now(self) -> float:
+        return self._clock()
+
+    def get(self, domain: str) -> tuple[State, Entry | None]:
+        started = time.perf_counter()
+        try:
+            raw = self.health.call(lambda: self.client.get(self.keys.assessment(domain)))
+        except CacheUnavailable:
+            metrics.CACHE_REQUESTS.labels(backend=self.backend, result="error").inc()
+            raise
+        metrics.CACHE_SECONDS.labels(backend=self.backend, op="get").observe(
+            time.perf_counter() - started)
+        entry = decode(raw)
+        now = self._clock()
+        state = freshness(entry, now)
+        metrics.CACHE_REQUESTS.labels(backend=self.backend, result=state.value).inc()
+        if state is State.MISS:
+            return state, None
+        assert entry is not None
+        metrics.ASSESSMENT_AGE.observe(max(0.0, now - entry.stored_at))
+        return state, entry
+
+    def ping(self) -> bool:
+        """Ping Redis: keeps ``health`` (and tlsmilter_redis_up) current while idle."""
+        try:
+            self.health.call(self.client.ping)
+        except CacheUnavailable:
+            return False
+        return True
+
+    def put(self, assessment: dict[str, Any]) -> Entry:
+        started = time.perf_counter()
+        entry, text, ttl_ms = encode(assessment, self._clock(), self._settings)
+        key = self.keys.assessment(str(assessment["domain"]))
+        self.health.call(lambda: self.client.set(key, text, px=ttl_ms))
+        metrics.CACHE_SECONDS.labels(backend=self.backend, op="put").observe(
+            time.perf_counter() - started)
+        return entry
+
+    def flush(self, domain: str | None = None) -> int:
+        if domain is not None:
+            return int(self.health.call(lambda: self.client.delete(self.keys.assessment(domain))))
+        keys = list(self._scan())
+        removed = 0
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            removed += int(self.health.call(lambda: self.client.unlink(*chunk)))  # noqa: B023
+        return removed
+
+    def _scan(self) -> Iterator[bytes]:
+        pattern = self.keys.assessment("*")
+        try:
+            yield from self.client.scan_iter(match=pattern, count=500)
+        except redis.RedisError as exc:
+            raise self.health.failed(exc) from None
+
+    def items(self) -> Iterator[tuple[str, Entry]]:
+        """Every cached domain and entry (a SCAN: fine for a CLI, not for the mail path)."""
+        keys: list[bytes] = []
+        for key in self._scan():
+            keys.append(key)
+            if len(keys) >= 500:
+                yield from self._fetch(keys)
+                keys = []
+        yield from self._fetch(keys)
+
+    def _fetch(self, keys: list[bytes]) -> Iterator[tuple[str, Entry]]:
+        if not keys:
+            return
+        values = self.health.call(lambda: self.client.mget(keys))
+        for key, raw in zip(keys, values, strict=True):
+            entry = decode(raw)
+            if entry is not None:
+                yield self.keys.domain_of(key), entry
+
+    def stats(self) -> Stats:
+        levels: dict[str, int] = {}
+        for _domain, entry in self.items():
+            levels[entry.level] = levels.get(entry.level, 0) + 1
+        k = self.keys
+
+        def queue_facts() -> tuple[int, int, int, int]:
+            length = int(self.client.xlen(k.stream)) if self.client.exists(k.stream) else 0
+            workers = 0
+            if length or self.client.exists(k.stream):
+                try:
+                    workers = len(self.client.xinfo_consumers(k.stream, k.group))
+                except redis.ResponseError:  # no group yet: no worker ever ran
+                    workers = 0
+            overflow = int(self.client.get(k.overflow) or 0)
+            probing = int(self.client.zcard(k.slots))
+            return length, overflow, workers, probing
+
+        length, overflow, workers, probing = self.health.call(queue_facts)
+        return Stats(sum(levels.values()), levels, length, overflow, workers, probing)

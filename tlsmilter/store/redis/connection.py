@@ -1,0 +1,154 @@
+"""Connecting to Redis (a URL or Sentinel, TLS) and telling when it is down.
+
+Redis being down is a state, not a crash: each operation raises ``CacheUnavailable``, the
+callers fail safe (docs/design.md), redis-py reconnects on the next command, and ``Health``
+logs one line when an outage starts and one when it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import redis
+import redis.asyncio
+import redis.asyncio.sentinel
+import redis.sentinel
+
+from tlsmilter import config, metrics
+from tlsmilter.errors import CacheUnavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced, fit for logs and error messages."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def describe(settings: config.RedisSettings) -> str:
+    """Where Redis is, for humans: the redacted URL or the Sentinel service."""
+    if settings.sentinels:
+        return f"sentinel {settings.sentinel_service} via {', '.join(settings.sentinels)}"
+    return redact(settings.url)
+
+
+def _sentinel_kwargs(
+        settings: config.RedisSettings) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """Sentinel addresses, and the master connection options taken from ``url``."""
+    addresses = [config.parse_host_port(a, default_port=26379) for a in settings.sentinels]
+    parsed = urllib.parse.urlsplit(settings.url)
+    options: dict[str, Any] = {"socket_timeout": settings.timeout,
+                               "socket_connect_timeout": settings.timeout}
+    if parsed.password:
+        options["password"] = urllib.parse.unquote(parsed.password)
+    if parsed.username:
+        options["username"] = urllib.parse.unquote(parsed.username)
+    db = parsed.path.lstrip("/") or urllib.parse.parse_qs(parsed.query).get("db", ["0"])[0]
+    options["db"] = int(db) if db.isdigit() else 0
+    if parsed.scheme == "rediss":
+        options.update(_tls_options(settings))
+    return addresses, options
+
+
+def _tls_options(settings: config.RedisSettings) -> dict[str, Any]:
+    """TLS options for ``rediss://``; other schemes get none."""
+    if not settings.url.startswith("rediss://"):
+        return {}
+    options: dict[str, Any] = {"ssl": True}
+    if settings.ca_file:
+        options["ssl_ca_certs"] = settings.ca_file
+    return options
+
+
+def connect(settings: config.RedisSettings) -> redis.Redis:
+    """A blocking client (the milter's callback threads, the CLI)."""
+    if settings.sentinels:
+        addresses, options = _sentinel_kwargs(settings)
+        sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            addresses, socket_timeout=settings.timeout,
+            sentinel_kwargs={"socket_timeout": settings.timeout})
+        master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+            settings.sentinel_service, **options)
+        return master
+    return redis.Redis.from_url(settings.url, socket_timeout=settings.timeout,
+                                socket_connect_timeout=settings.timeout,
+                                **_url_tls(settings))
+
+
+def connect_async(settings: config.RedisSettings) -> redis.asyncio.Redis:
+    """An asyncio client (workers, the standalone policy server)."""
+    if settings.sentinels:
+        addresses, options = _sentinel_kwargs(settings)
+        sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            addresses, socket_timeout=settings.timeout,
+            sentinel_kwargs={"socket_timeout": settings.timeout})
+        master: redis.asyncio.Redis = sentinel.master_for(settings.sentinel_service, **options)
+        return master
+    return redis.asyncio.Redis.from_url(settings.url, socket_timeout=settings.timeout,
+                                        socket_connect_timeout=settings.timeout,
+                                        **_url_tls(settings))
+
+
+def _url_tls(settings: config.RedisSettings) -> dict[str, Any]:
+    # from_url picks the TLS connection class from the scheme itself.
+    return {k: v for k, v in _tls_options(settings).items() if k != "ssl"}
+
+
+# --- outage bookkeeping ------------------------------------------------------------------------
+
+
+class Health:
+    """Tracks whether Redis answers; logs once when an outage starts and once when it ends."""
+
+    def __init__(self, where: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.where = where
+        self._clock = clock
+        self._down_since: float | None = None
+        self._lock = threading.Lock()
+        metrics.REDIS_UP.set(1)
+
+    @property
+    def up(self) -> bool:
+        return self._down_since is None
+
+    def ok(self) -> None:
+        if self._down_since is None:
+            return
+        with self._lock:
+            since, self._down_since = self._down_since, None
+        if since is not None:
+            metrics.REDIS_UP.set(1)
+            log.warning("redis at %s is back after %.1f s", self.where, self._clock() - since)
+
+    def failed(self, exc: BaseException) -> CacheUnavailable:
+        metrics.REDIS_ERRORS.inc()
+        with self._lock:
+            starting = self._down_since is None
+            if starting:
+                self._down_since = self._clock()
+        if starting:
+            metrics.REDIS_UP.set(0)
+            metrics.REDIS_OUTAGES.inc()
+            log.warning("redis at %s unavailable: %s; failing safe until it is back",
+                        self.where, exc)
+        return CacheUnavailable(f"redis at {self.where} unavailable: {exc}")
+
+    def call(self, operation: Callable[[], T]) -> T:
+        try:
+            result = operation()
+        except redis.RedisError as exc:
+            raise self.failed(exc) from None
+        self.ok()
+        return result
