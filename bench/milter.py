@@ -37,11 +37,11 @@ from pathlib import Path
 
 from bench.milterclient import Message, load_worker
 from bench.prober import positive
+from tests.daemons.test_e2e import contrib_main
 from tests.lab import mail
 from tests.lab.lab import TLD, Lab
 from tests.lab.model import MX, Dnssec, Domain, Smtp, Tlsa
 from tests.lab.postfix import LabPostfix
-from tests.test_e2e import contrib_main
 from tlsmilter.daemons.netstring import NetstringDecoder, encode_netstring
 
 ROOT = Path(__file__).resolve().parents[1]

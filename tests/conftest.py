@@ -1,4 +1,4 @@
-"""Fixtures shared by the whole suite: the loopback lab, and Postfix relaying into it."""
+"""Fixtures shared by the whole suite: the loopback lab, Postfix relaying into it, Redis."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 from tests.lab.lab import Lab
 from tests.lab.postfix import LabPostfix
+from tests.lab.redis_server import LabRedis
 from tests.lab.scenarios import SCENARIOS
 
 
@@ -47,3 +48,19 @@ def postfix(lab: Lab) -> Iterator[LabPostfix]:
     finally:
         instance.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def redis_workdir() -> Iterator[Path]:
+    path = world_searchable_dir("tlsmilter-redis-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def redis_server(redis_workdir: Path) -> Iterator[LabRedis]:
+    """A redis-server of the test module's own, on a free port and a unix socket."""
+    instance = LabRedis(redis_workdir / "plain", unix_socket=True)
+    instance.start()
+    yield instance
+    instance.stop()

@@ -27,13 +27,13 @@ import pytest
 
 import tlsmilter
 from tests.conftest import world_searchable_dir
+from tests.daemons.test_e2e import CONTRIB, contrib_main, contrib_master
 from tests.lab import daemons, mail
 from tests.lab.daemons import Daemon
 from tests.lab.lab import Lab
 from tests.lab.postfix import LabPostfix
 from tests.lab.prometheus import LabPrometheus
 from tests.lab.redis_server import LabRedis, free_port
-from tests.test_e2e import CONTRIB, contrib_main, contrib_master
 from tlsmilter import metrics
 from tlsmilter.daemons import instrument
 from tlsmilter.daemons.policy_server import HEALTH_EVERY

@@ -31,7 +31,7 @@ from tests.lab.redis_server import LabRedis
 
 pytestmark = pytest.mark.lab
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONTRIB = ROOT / "contrib" / "postfix"
 
 

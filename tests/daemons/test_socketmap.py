@@ -1,5 +1,5 @@
-"""Policy server: the assessment -> policy decision, the netstring codec, the socket server,
-and Postfix's own socketmap client (postmap) against it."""
+"""daemons.socketmap: the policy server over its socket, with a raw client and with Postfix's
+own socketmap client (postmap)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
+from tests.fakes import VERIFY, mx, sts_only
 from tlsmilter import metrics
-from tlsmilter.assess.model import Assessment, MtaStsFacts, MxFacts
-from tlsmilter.core.delivery import PolicyAnswer, normalize_key, policy_for
-from tlsmilter.daemons.netstring import NetstringDecoder, NetstringError, encode_netstring
+from tlsmilter.core.delivery import PolicyAnswer
+from tlsmilter.daemons.netstring import NetstringDecoder, encode_netstring
 from tlsmilter.daemons.socketmap import MAX_REPLY, PolicyServer, PolicyServerError
 
 TEST_TIMEOUT = 10.0
@@ -28,172 +28,6 @@ TEST_TIMEOUT = 10.0
 
 def run(coro: Coroutine[Any, Any, None]) -> None:
     asyncio.run(asyncio.wait_for(coro, TEST_TIMEOUT))
-
-
-def mx(host: str, *auth: str) -> dict[str, Any]:
-    return {"host": host, "authenticated_by": list(auth)}
-
-
-def sts_only(*mxs: dict[str, Any], mode: str = "enforce") -> dict[str, Any]:
-    return {"level": "verified", "dnssec": False, "mta_sts": mode, "mx": list(mxs)}
-
-
-VERIFY = "verify match=hostname servername=hostname"
-FALLBACK = "secure match=nexthop:dot-nexthop servername=hostname"
-
-
-# --- policy_for -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("assessment", "policy"), [
-    pytest.param({"level": "dane", "dnssec": True}, "dane-only", id="dane"),
-    pytest.param({"level": "encrypted", "dnssec": False}, "encrypt", id="encrypted"),
-    pytest.param({"level": "encrypted", "dnssec": True, "mta_sts": "enforce"}, "encrypt",
-                 id="encrypted-despite-auth"),
-    pytest.param({"level": "verified", "dnssec": True, "mta_sts": None,
-                  "mx": [mx("mx.example.com", "dnssec")]}, VERIFY, id="verified-dnssec"),
-    pytest.param({"level": "verified", "dnssec": True, "mta_sts": "enforce",
-                  "mx": [mx("mx.example.com", "dnssec", "mta-sts")]}, VERIFY,
-                 id="verified-dnssec-and-sts"),
-    pytest.param(sts_only(mx("mx1.example.com", "mta-sts"), mx("mx2.example.com", "mta-sts")),
-                 "secure match=mx1.example.com:mx2.example.com servername=hostname",
-                 id="verified-sts-pins-mx-hosts"),
-    pytest.param(sts_only(mx("MX1.Example.COM.", "mta-sts"), mx("mx1.example.com", "mta-sts")),
-                 "secure match=mx1.example.com servername=hostname",
-                 id="verified-sts-normalised-deduplicated"),
-    pytest.param(sts_only(mx("mx1.example.com", "mta-sts"), mx("backup.example.net")),
-                 "secure match=mx1.example.com servername=hostname",
-                 id="verified-sts-only-authenticated-hosts"),
-    pytest.param(sts_only(mx("a b.example.com", "mta-sts"), mx("x:y.example.com", "mta-sts"),
-                          {"host": 7, "authenticated_by": ["mta-sts"]},
-                          mx("ok.example.com", "mta-sts")),
-                 "secure match=ok.example.com servername=hostname",
-                 id="verified-sts-unsafe-names-dropped"),
-    pytest.param(sts_only(), FALLBACK, id="verified-sts-no-hosts"),
-    pytest.param(sts_only(mx("mx1.example.com", "mta-sts"), mode="testing"), FALLBACK,
-                 id="verified-testing-inconsistent"),
-    pytest.param({"level": "verified", "dnssec": "true", "mx": []}, FALLBACK,
-                 id="verified-dnssec-not-a-bool"),
-    pytest.param({"level": "verified", "dnssec": False, "mta_sts": "enforce", "mx": "junk"},
-                 FALLBACK, id="verified-mx-not-a-list"),
-    pytest.param({"level": "none", "dnssec": True}, None, id="none"),
-    pytest.param({"level": "unknown", "dnssec": False}, None, id="unknown"),
-    pytest.param({"dnssec": True}, None, id="level-missing"),
-    pytest.param({"level": "DANE"}, None, id="level-unrecognised"),
-    pytest.param({}, None, id="empty"),
-    pytest.param(None, None, id="no-assessment"),
-])
-def test_policy_for(assessment: Mapping[str, Any] | None, policy: str | None) -> None:
-    assert policy_for(assessment) == policy
-
-
-def test_policy_for_real_assessment_json() -> None:
-    """The shape ``Assessment.to_json`` really produces, MTA-STS only."""
-    mxs = [MxFacts(host="mx2.example.org", preference=20, authenticated_by=["mta-sts"]),
-           MxFacts(host="mx1.example.org", preference=10, authenticated_by=["mta-sts"])]
-    sts = MtaStsFacts(mode="enforce", mx=["*.example.org"])
-    assessment = Assessment(
-        domain="example.org", level="verified", score=60, reasons=[], dnssec=False,
-        mta_sts=sts, tlsrpt=False, mx=mxs, implicit_mx=False, null_mx=False,
-        assessed_at="2025-01-01T00:00:00Z", duration=1.0)
-    assert policy_for(assessment.to_json()) == (
-        "secure match=mx2.example.org:mx1.example.org servername=hostname")
-
-
-@pytest.mark.parametrize(("key", "domain"), [
-    ("example.com", "example.com"),
-    ("Example.COM.", "example.com"),
-    ("example.com:25", "example.com"),
-    ("example.com:smtp", "example.com"),
-    ("bücher.example", "xn--bcher-kva.example"),
-    ("example.com:587", None),
-    ("[mx.example.com]", None),
-    ("[mx.example.com]:25", None),
-    ("[192.0.2.1]", None),
-    ("192.0.2.1", None),
-    (".example.com", None),
-    ("", None),
-    ("two words", None),
-    ("a..b", None),
-])
-def test_normalize_key(key: str, domain: str | None) -> None:
-    assert normalize_key(key) == domain
-
-
-# --- netstrings -----------------------------------------------------------------------------
-
-
-def test_encode_netstring() -> None:
-    assert encode_netstring(b"OK dane-only") == b"12:OK dane-only,"
-    assert encode_netstring(b"") == b"0:,"
-
-
-def decode_all(data: bytes, chunk: int, max_length: int = 100) -> tuple[list[bytes], bool]:
-    """Feed ``data`` ``chunk`` bytes at a time; frames so far, and whether a frame is pending.
-
-    Raises NetstringError, carrying the frames decoded before it as ``frames``.
-    """
-    decoder = NetstringDecoder(max_length)
-    frames: list[bytes] = []
-    for start in range(0, len(data), chunk):
-        decoder.feed(data[start:start + chunk])
-        try:
-            while (frame := decoder.next_frame()) is not None:
-                frames.append(frame)
-        except NetstringError as exc:
-            exc.add_note(repr(frames))
-            raise PartialError(frames, exc) from exc
-    return frames, decoder.pending
-
-
-class PartialError(Exception):
-    def __init__(self, frames: list[bytes], error: NetstringError) -> None:
-        self.frames = frames
-        self.error = error
-
-
-CHUNKS = [1, 2, 3, 7, 1000]
-
-
-@pytest.mark.parametrize("chunk", CHUNKS)
-@pytest.mark.parametrize(("data", "frames", "pending"), [
-    (b"21:tlspolicy example.com,", [b"tlspolicy example.com"], False),
-    (b"3:abc,1:d,0:,", [b"abc", b"d", b""], False),
-    (b"5:a:b,c,", [b"a:b,c"], False),
-    (b"3:ab,,", [b"ab,"], False),
-    (b"3:\xff\x00\xfe,", [b"\xff\x00\xfe"], False),
-    (b"100:" + b"x" * 100 + b",", [b"x" * 100], False),
-    (b"3:abc,4:de", [b"abc"], True),
-    (b"3:abc", [], True),
-    (b"3", [], True),
-    (b"", [], False),
-])
-def test_decoder_valid(data: bytes, frames: list[bytes], pending: bool, chunk: int) -> None:
-    assert decode_all(data, chunk) == (frames, pending)
-
-
-@pytest.mark.parametrize("chunk", CHUNKS)
-@pytest.mark.parametrize(("data", "before"), [
-    pytest.param(b"x:abc,", [], id="non-digit-length"),
-    pytest.param(b"-1:a,", [], id="negative-length"),
-    pytest.param(b"+1:a,", [], id="plus-sign"),
-    pytest.param(b" 1:a,", [], id="leading-space"),
-    pytest.param(b":abc,", [], id="empty-length"),
-    pytest.param(b"01:a,", [], id="leading-zero"),
-    pytest.param(b"00:,", [], id="leading-zero-of-zero"),
-    pytest.param(b"101:", [], id="length-over-max"),
-    pytest.param(b"99999999999999999999", [], id="endless-digits"),
-    pytest.param(b"1234", [], id="too-many-digits-no-colon"),
-    pytest.param(b"3:abcd", [], id="no-trailing-comma"),
-    pytest.param(b"3:ab,,,", [b"ab,"], id="comma-in-data-then-stray-comma"),
-    pytest.param(b"1:a,\n1:b,", [b"a"], id="newline-between"),
-    pytest.param(b"1:a,,1:b,", [b"a"], id="garbage-between"),
-    pytest.param(b"1:a,1:b,xyz", [b"a", b"b"], id="garbage-after"),
-])
-def test_decoder_malformed(data: bytes, before: list[bytes], chunk: int) -> None:
-    with pytest.raises(PartialError) as caught:
-        decode_all(data, chunk)
-    assert caught.value.frames == before
 
 
 # --- the server -----------------------------------------------------------------------------

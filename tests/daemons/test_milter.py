@@ -1,22 +1,21 @@
 """Milter callbacks driven through pymilter's test context (no MTA).
 
-The engine is real (cache, event loop, in-flight bookkeeping); only the prober behind it is a
-stand-in returning prepared assessments, since these tests are about the glue, not the network.
+The embedded backend is real (cache, event loop, in-flight bookkeeping); only the prober
+behind it is the suite's stand-in (tests/fakes.py), since these tests are about the glue, not
+the network.
 """
 
 from __future__ import annotations
 
-import asyncio
 import email.message
-import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import Milter
 import pytest
 from Milter import testctx
 
+from tests.fakes import TableProber, assessment
 from tlsmilter import config, metrics
 from tlsmilter.daemons import instrument
 from tlsmilter.daemons.milter import (
@@ -27,39 +26,6 @@ from tlsmilter.daemons.milter import (
     policies_from,
 )
 from tlsmilter.store.embedded import EmbeddedAssessments as Engine
-
-
-def assessment(domain: str, level: str) -> dict[str, Any]:
-    reasons = [] if level != "none" else [
-        {"code": "no_starttls", "severity": "problem", "host": f"mx1.{domain}",
-         "text": "MX does not offer STARTTLS: mail would travel in clear text (127.0.0.1)"}]
-    return {"domain": domain, "level": level, "reasons": reasons}
-
-
-@dataclass
-class _Result:
-    def __init__(self, data: dict[str, Any]) -> None:
-        self.data = data
-
-    def to_json(self) -> dict[str, Any]:
-        return self.data
-
-
-class StandInProber:
-    """Answers from a table after ``delay`` seconds; counts calls."""
-
-    def __init__(self, levels: dict[str, str], delay: float = 0.0) -> None:
-        self.levels = levels
-        self.delay = delay
-        self.calls: list[str] = []
-        self.release = threading.Event()
-
-    async def assess(self, domain: str) -> _Result:
-        self.calls.append(domain)
-        await asyncio.sleep(self.delay)
-        if domain == "boom.test":
-            raise RuntimeError("prober bug")
-        return _Result(assessment(domain, self.levels.get(domain, "unknown")))
 
 
 class Ctx(testctx.TestCtx):  # type: ignore[misc]
@@ -82,8 +48,8 @@ def make_engine() -> Iterator[Any]:
     engines: list[Engine] = []
 
     def make(settings: config.Config, delay: float = 0.0, warm: bool = True
-             ) -> tuple[Engine, StandInProber]:
-        prober = StandInProber(LEVELS, delay)
+             ) -> tuple[Engine, TableProber]:
+        prober = TableProber(LEVELS, delay)
         engine = Engine(settings, prober=prober)  # type: ignore[arg-type]
         engine.start()
         if warm:

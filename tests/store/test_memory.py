@@ -77,7 +77,7 @@ def test_packed_entries_give_back_the_assessment_exactly() -> None:
 
 def test_a_real_assessment_packs_small() -> None:
     # A lab assessment of a DANE domain with two TLSA records, as the prober writes it.
-    real = json.loads((Path(__file__).parent / "data" / "assessment-dane-full.json")
+    real = json.loads((Path(__file__).parents[1] / "data" / "assessment-dane-full.json")
                       .read_text())
     entry = Entry(real, 0.0, 1.0, 2.0, packed=True)
     assert entry.assessment == real

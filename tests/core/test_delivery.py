@@ -1,0 +1,87 @@
+"""core.delivery: the Postfix TLS policy that enforces each assessed level, and lookup keys."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from tests.fakes import FALLBACK, VERIFY, mx, sts_only
+from tlsmilter.assess.model import Assessment, MtaStsFacts, MxFacts
+from tlsmilter.core.delivery import normalize_key, policy_for
+
+
+@pytest.mark.parametrize(("assessment", "policy"), [
+    pytest.param({"level": "dane", "dnssec": True}, "dane-only", id="dane"),
+    pytest.param({"level": "encrypted", "dnssec": False}, "encrypt", id="encrypted"),
+    pytest.param({"level": "encrypted", "dnssec": True, "mta_sts": "enforce"}, "encrypt",
+                 id="encrypted-despite-auth"),
+    pytest.param({"level": "verified", "dnssec": True, "mta_sts": None,
+                  "mx": [mx("mx.example.com", "dnssec")]}, VERIFY, id="verified-dnssec"),
+    pytest.param({"level": "verified", "dnssec": True, "mta_sts": "enforce",
+                  "mx": [mx("mx.example.com", "dnssec", "mta-sts")]}, VERIFY,
+                 id="verified-dnssec-and-sts"),
+    pytest.param(sts_only(mx("mx1.example.com", "mta-sts"), mx("mx2.example.com", "mta-sts")),
+                 "secure match=mx1.example.com:mx2.example.com servername=hostname",
+                 id="verified-sts-pins-mx-hosts"),
+    pytest.param(sts_only(mx("MX1.Example.COM.", "mta-sts"), mx("mx1.example.com", "mta-sts")),
+                 "secure match=mx1.example.com servername=hostname",
+                 id="verified-sts-normalised-deduplicated"),
+    pytest.param(sts_only(mx("mx1.example.com", "mta-sts"), mx("backup.example.net")),
+                 "secure match=mx1.example.com servername=hostname",
+                 id="verified-sts-only-authenticated-hosts"),
+    pytest.param(sts_only(mx("a b.example.com", "mta-sts"), mx("x:y.example.com", "mta-sts"),
+                          {"host": 7, "authenticated_by": ["mta-sts"]},
+                          mx("ok.example.com", "mta-sts")),
+                 "secure match=ok.example.com servername=hostname",
+                 id="verified-sts-unsafe-names-dropped"),
+    pytest.param(sts_only(), FALLBACK, id="verified-sts-no-hosts"),
+    pytest.param(sts_only(mx("mx1.example.com", "mta-sts"), mode="testing"), FALLBACK,
+                 id="verified-testing-inconsistent"),
+    pytest.param({"level": "verified", "dnssec": "true", "mx": []}, FALLBACK,
+                 id="verified-dnssec-not-a-bool"),
+    pytest.param({"level": "verified", "dnssec": False, "mta_sts": "enforce", "mx": "junk"},
+                 FALLBACK, id="verified-mx-not-a-list"),
+    pytest.param({"level": "none", "dnssec": True}, None, id="none"),
+    pytest.param({"level": "unknown", "dnssec": False}, None, id="unknown"),
+    pytest.param({"dnssec": True}, None, id="level-missing"),
+    pytest.param({"level": "DANE"}, None, id="level-unrecognised"),
+    pytest.param({}, None, id="empty"),
+    pytest.param(None, None, id="no-assessment"),
+])
+def test_policy_for(assessment: Mapping[str, Any] | None, policy: str | None) -> None:
+    assert policy_for(assessment) == policy
+
+
+def test_policy_for_real_assessment_json() -> None:
+    """The shape ``Assessment.to_json`` really produces, MTA-STS only."""
+    mxs = [MxFacts(host="mx2.example.org", preference=20, authenticated_by=["mta-sts"]),
+           MxFacts(host="mx1.example.org", preference=10, authenticated_by=["mta-sts"])]
+    sts = MtaStsFacts(mode="enforce", mx=["*.example.org"])
+    assessment = Assessment(
+        domain="example.org", level="verified", score=60, reasons=[], dnssec=False,
+        mta_sts=sts, tlsrpt=False, mx=mxs, implicit_mx=False, null_mx=False,
+        assessed_at="2025-01-01T00:00:00Z", duration=1.0)
+    assert policy_for(assessment.to_json()) == (
+        "secure match=mx2.example.org:mx1.example.org servername=hostname")
+
+
+@pytest.mark.parametrize(("key", "domain"), [
+    ("example.com", "example.com"),
+    ("Example.COM.", "example.com"),
+    ("example.com:25", "example.com"),
+    ("example.com:smtp", "example.com"),
+    ("bücher.example", "xn--bcher-kva.example"),
+    ("example.com:587", None),
+    ("[mx.example.com]", None),
+    ("[mx.example.com]:25", None),
+    ("[192.0.2.1]", None),
+    ("192.0.2.1", None),
+    (".example.com", None),
+    ("", None),
+    ("two words", None),
+    ("a..b", None),
+])
+def test_normalize_key(key: str, domain: str | None) -> None:
+    assert normalize_key(key) == domain

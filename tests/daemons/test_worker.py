@@ -1,0 +1,131 @@
+"""``tlsmilter worker`` against a real redis-server: politeness, fleet slots, the group."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+import pytest
+
+from tests.fakes import TableProber
+from tests.fakes import redis_settings as settings_for
+from tests.lab.redis_server import LabRedis
+from tlsmilter import config
+from tlsmilter.daemons.worker import Worker
+from tlsmilter.store.redis.cache import RedisCache
+from tlsmilter.store.redis.queue import ProbeRequests
+
+pytestmark = pytest.mark.lab
+
+
+def test_workers_take_turns_on_one_mx_address(redis_server: LabRedis) -> None:
+    settings = settings_for(redis_server.url)
+    order: list[str] = []
+
+    async def scenario() -> None:
+        first, second = Worker(settings), Worker(settings)
+        try:
+            await first.client.flushdb()
+            async with first.ip_guard("192.0.2.25"):
+                waiting = asyncio.create_task(enter(second, "second"))
+                await asyncio.sleep(0.3)
+                assert not order, "the second worker probed the address alongside the first"
+                order.append("first done")
+            await asyncio.wait_for(waiting, 5)
+            async with first.ip_guard("192.0.2.26"):  # another address: no waiting
+                order.append("other address")
+        finally:
+            await first.client.aclose()
+            await second.client.aclose()
+
+    async def enter(worker: Worker, name: str) -> None:
+        async with worker.ip_guard("192.0.2.25"):
+            order.append(name)
+
+    asyncio.run(scenario())
+    assert order == ["first done", "second", "other address"]
+
+
+def test_a_domain_waiting_for_a_fleet_slot_is_never_probed_twice(redis_server: LabRedis) -> None:
+    # One fleet-wide slot, three domains of 1.5 s each: the last waits ~3 s for the slot,
+    # longer than its domain lock lives (2.5 s) and than a takeover needs (claim_after 3 s).
+    # A worker taking over that entry must neither probe alongside nor probe again.
+    settings = config.from_mapping({
+        "cache": {"backend": "redis"}, "redis": {"url": redis_server.url, "prefix": "slots:"},
+        "prober": {"concurrency": 3, "timeouts": {"domain": 2.0}},
+        "worker": {"claim_after": 3.0, "fleet_concurrency": 1}})
+    domains = ["a.test", "b.test", "c.test"]
+    probes: list[tuple[str, str, float, float]] = []
+    cache = RedisCache(settings)
+    cache.client.flushdb()
+
+    async def scenario() -> None:
+        first = Worker(settings, prober=TableProber(
+            delay=1.5, name="first", default="verified", log=probes))  # type: ignore[arg-type]
+        second = Worker(settings, prober=TableProber(
+            delay=1.5, name="second", default="verified", log=probes))  # type: ignore[arg-type]
+        await first.queue.ensure_group()
+        requests = ProbeRequests(settings, cache.client, cache.health)
+        for domain in domains:
+            assert requests.request(domain)
+        running = [asyncio.create_task(first.run())]
+        await asyncio.sleep(0.5)  # the first worker reads all three entries
+        running.append(asyncio.create_task(second.run()))
+        keys = first.queue.keys
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            pending = await first.client.xpending(keys.stream, keys.group)
+            if all(cache.get(d)[1] for d in domains) and not pending["pending"]:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.5)  # room for a late duplicate to show
+        for worker in (first, second):
+            worker.stop()
+        await asyncio.gather(*running)
+        for worker in (first, second):
+            await worker.client.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        cache.client.close()
+    assert sorted(d for _w, d, _s, _e in probes) == domains, probes
+    spans = sorted((start, end) for _w, _d, start, end in probes)
+    assert all(end <= later for (_s, end), (later, _e) in itertools.pairwise(spans)), probes
+
+
+def test_workers_leave_the_group_and_gone_ones_are_forgotten(redis_server: LabRedis) -> None:
+    settings = settings_for(redis_server.url)
+
+    async def scenario() -> None:
+        worker = Worker(settings, prober=TableProber(delay=0.1, default="verified"))  # type: ignore[arg-type]
+        queue, client = worker.queue, worker.client
+        try:
+            await client.flushdb()
+            await queue.ensure_group()
+            keys = queue.keys
+
+            async def consumers() -> set[str]:
+                found = await client.xinfo_consumers(keys.stream, keys.group)
+                return {c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+                        for c in found}
+
+            # Two workers that died: one with an entry still pending, one without.
+            await client.xadd(keys.stream, {"domain": "held.test"})
+            await client.xreadgroup(keys.group, "dead-busy", {keys.stream: ">"}, count=1)
+            await client.xgroup_createconsumer(keys.stream, keys.group, "dead-idle")
+            assert await queue.forget_gone_consumers(0) == ["dead-idle"]
+            assert await consumers() == {"dead-busy"}  # its entry awaits a takeover
+            # A worker that stops cleanly leaves the group (it joins by reading an entry).
+            await client.xadd(keys.stream, {"domain": "fresh.test"})
+            running = asyncio.create_task(worker.run())
+            while worker.consumer not in await consumers():
+                await asyncio.sleep(0.05)
+            worker.stop()
+            await running
+            assert worker.consumer not in await consumers()
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
