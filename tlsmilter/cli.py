@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     fls.add_argument("domain", nargs="?", metavar="DOMAIN",
                      help="the domain to drop (default: all entries of this prefix)")
     cch_commands.add_parser("stats", help="entries by level, queue length, workers")
-    cch.set_defaults(handler=_cache)  # every ACTION: cachecmd dispatches on cache_command
+    cch.set_defaults(handler=_cache)  # every ACTION: commands.cache dispatches on it
 
     rep = commands.add_parser(
         "report",

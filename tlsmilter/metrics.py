@@ -76,7 +76,7 @@ CACHE_SECONDS = Histogram("tlsmilter_cache_seconds", "Cache operation latency.",
 ASSESSMENT_AGE = Histogram("tlsmilter_assessment_age_seconds", "Age of the cached assessment "
                            "a lookup served.", buckets=AGE_BUCKETS, registry=REGISTRY)
 
-# probing (prober, engine, worker)
+# probing (prober, embedded backend, worker)
 PROBES = Counter("tlsmilter_probes_total", "Assessment steps by check and result.",
                  ["check", "result"], registry=REGISTRY)
 PROBE_SECONDS = Histogram("tlsmilter_probe_seconds", "Duration of one assessment step.",

@@ -11,6 +11,7 @@ import redis
 
 from tlsmilter import config, metrics
 from tlsmilter.errors import CacheUnavailable
+from tlsmilter.labels import CACHE_ERROR
 from tlsmilter.store.base import Entry, State, freshness
 from tlsmilter.store.redis.connection import Health, connect, describe
 from tlsmilter.store.redis.records import Keys, decode, encode
@@ -47,7 +48,7 @@ class RedisCache:
         try:
             raw = self.health.call(lambda: self.client.get(self.keys.assessment(domain)))
         except CacheUnavailable:
-            metrics.CACHE_REQUESTS.labels(backend=self.backend, result="error").inc()
+            metrics.CACHE_REQUESTS.labels(backend=self.backend, result=CACHE_ERROR).inc()
             raise
         metrics.CACHE_SECONDS.labels(backend=self.backend, op="get").observe(
             time.perf_counter() - started)
