@@ -203,6 +203,9 @@ listen = "{lab.base}.0.7:9464"
 resolver = "{lab.resolver}"
 ca_file = "{lab.ca.ca_file}"
 ehlo_name = "prober.lab.invalid"
+[cache]
+# every run starts cold, as measured
+state_dir = ""
 [log]
 level = "info"
 """)

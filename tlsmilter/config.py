@@ -289,6 +289,15 @@ class CacheSettings:
         "background, so domains in use are refreshed before they expire.",
         lambda v: None if v >= 0 else "must be 0 or more",
     )
+    state_dir: str = _opt(
+        "/var/lib/tlsmilter",
+        "Directory where the memory backend keeps its assessments across restarts (systemd's "
+        '`StateDirectory=`); `""`: the cache starts empty at every start.',
+        lambda v: None if v == "" or v.startswith("/") else 'an absolute path, or "" for none',
+    )
+    snapshot_interval: float = _opt(300.0, "Seconds between saves of the memory backend's "
+                                    "assessments to `state_dir`; one more is made at stop.",
+                                    _positive)
 
 
 def _redis_url(value: str) -> str | None:

@@ -46,6 +46,8 @@ def write_config(path: Path, lab: Lab, sockets: Path, *, redis_url: str | None =
         "prober.timeouts": {"connect": 3.0, "smtp": 3.0, "tls": 3.0, "https": 3.0,
                             "domain": 10.0},
         "log": {"level": "debug"},
+        # Each run starts with an empty cache (tests/daemons/test_restart.py sets a directory).
+        "cache": {"state_dir": ""},
     }
     if redis_url:
         tables["cache"] = {"backend": "redis"}

@@ -53,11 +53,28 @@ class Entry:
         ttl, grace = lifetimes(str(assessment.get("level", UNKNOWN)), settings)
         return cls(assessment, now, now + ttl, now + ttl + grace, packed=packed)
 
+    @classmethod
+    def from_packed(cls, packed: bytes, level: str, stored_at: float, fresh_until: float,
+                    usable_until: float) -> Entry:
+        """An entry from an assessment packed earlier (a snapshot), without unpacking it."""
+        entry = cls.__new__(cls)
+        entry.level = sys.intern(level)
+        entry.stored_at = stored_at
+        entry.fresh_until = fresh_until
+        entry.usable_until = usable_until
+        entry._data = packed
+        return entry
+
     @property
     def assessment(self) -> dict[str, Any]:
         if isinstance(self._data, bytes):
             return unpack(self._data)
         return self._data
+
+    @property
+    def packed(self) -> bytes:
+        """The assessment as ``store.packing`` packs it."""
+        return self._data if isinstance(self._data, bytes) else pack(self._data)
 
     def __repr__(self) -> str:
         return f"Entry(level={self.level!r}, stored_at={self.stored_at})"

@@ -3,6 +3,9 @@
 libmilter calls the milter from its own threads; they ask for assessments and wait on
 ``concurrent.futures`` with a bound. One probe per domain is in flight at a time, and the
 number in flight is bounded so a flood of new domains cannot grow memory without limit.
+
+With a state directory the cache is loaded from a snapshot at start, saved every
+``cache.snapshot_interval`` seconds by a thread of its own, and saved once more at stop.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -19,6 +23,7 @@ from tlsmilter.assess.model import Assessment
 from tlsmilter.assess.prober import Prober
 from tlsmilter.store.base import Assessments
 from tlsmilter.store.memory import MemoryCache
+from tlsmilter.store.snapshot import StateFile
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +41,15 @@ class EmbeddedAssessments(Assessments):
 
     ``make_prober`` builds the prober on the backend's loop (its semaphores and locks belong
     there); by default a plain ``Prober``. ``prober`` gives a ready one instead (tests).
+    ``state_dir`` (``cache.state_dir``, passed by ``serve``) keeps the cache across restarts;
+    empty: it starts empty every time.
     """
 
     backend = MemoryCache.backend
 
     def __init__(self, settings: config.Config, *, prober: DomainProber | None = None,
                  make_prober: Callable[[], DomainProber] | None = None,
-                 cache: MemoryCache | None = None) -> None:
+                 cache: MemoryCache | None = None, state_dir: str = "") -> None:
         self.memory = cache or MemoryCache(settings.cache)
         super().__init__(self.memory, settings.cache)
         self.settings = settings
@@ -52,6 +59,12 @@ class EmbeddedAssessments(Assessments):
         self._thread = threading.Thread(target=self._run, name="tlsmilter-engine", daemon=True)
         self._pending: dict[str, concurrent.futures.Future[dict[str, Any]]] = {}
         self._lock = threading.Lock()
+        self._state_dir = state_dir
+        self._state: StateFile | None = None
+        self._saved_changes = -1
+        self._stopping = threading.Event()
+        self._saver = threading.Thread(target=self._save_periodically,
+                                       name="tlsmilter-snapshot", daemon=True)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -59,8 +72,40 @@ class EmbeddedAssessments(Assessments):
         return self._loop
 
     def start(self) -> None:
+        if self._state_dir:
+            self._state = StateFile.open(self._state_dir)
+        if self._state is not None:
+            self._load(self._state)
+            self._saver.start()
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._build_prober(), self._loop).result(timeout=10)
+
+    def _load(self, state: StateFile) -> None:
+        started = time.perf_counter()
+        records = state.load()
+        added = self.memory.restore(records)
+        self._saved_changes = self.memory.changes  # nothing new to save yet
+        if records:
+            log.info("cache: %d assessments loaded from %s in %.2f s (%d expired or "
+                     "superseded, dropped)", added, state.path, time.perf_counter() - started,
+                     len(records) - added)
+
+    def _save_periodically(self) -> None:
+        interval = self.settings.cache.snapshot_interval
+        while not self._stopping.wait(interval):
+            self.save()
+
+    def save(self) -> None:
+        """Write the snapshot now, if there is a state directory and the cache changed."""
+        changes = self.memory.changes
+        if self._state is None or changes == self._saved_changes:
+            return
+        started = time.perf_counter()
+        records = self.memory.export()
+        if self._state.save(records):
+            self._saved_changes = changes
+            log.debug("cache: %d assessments saved to %s in %.2f s", len(records),
+                      self._state.path, time.perf_counter() - started)
 
     async def _build_prober(self) -> None:
         if self._prober is None:
@@ -80,9 +125,14 @@ class EmbeddedAssessments(Assessments):
             self._loop.close()
 
     def stop(self) -> None:
+        self._stopping.set()
+        if self._saver.is_alive():
+            self._saver.join()
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
+        # After the loop: probes that finished while stopping are in the snapshot too.
+        self.save()
 
     def _request(self, domain: str) -> None:
         self.assess(domain)

@@ -1,11 +1,13 @@
 """Assessments packed as zlib-compressed JSON with a preset dictionary, for the memory cache.
 
 A typical assessment takes about 400 bytes packed instead of about 11 KiB as Python objects.
-The dictionary only ever lives in this process's memory, so it may change between releases.
+The dictionary may change between releases: the on-disk snapshot (``store.snapshot``) records
+``DICTIONARY_ID`` and is not loaded by a release whose dictionary differs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zlib
 from typing import Any
@@ -38,6 +40,7 @@ def _preset_dictionary() -> bytes:
 
 
 _ZDICT = _preset_dictionary()
+DICTIONARY_ID = hashlib.sha256(_ZDICT).digest()[:8]
 
 
 def pack(assessment: dict[str, Any]) -> bytes:
