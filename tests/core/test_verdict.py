@@ -14,6 +14,8 @@ from tlsmilter.core.verdict import (
     DomainStatus,
     Policy,
     decide,
+    short_reply,
+    tag_text,
 )
 from tlsmilter.daemons.milter import policies_from
 
@@ -120,3 +122,46 @@ def test_a_reply_fits_the_milter_protocol_however_many_domains_fail() -> None:
         f"... and {hidden} more recipient domains fall short too")
     assert len(verdict.failing) == 40  # the log and metrics still get every one
     assert len(decide(policy, domains[:23]).reply) == MAX_REPLY_LINES  # exactly fits
+
+
+# -- replies built from hostile input (issue 12) ---------------------------------------------
+
+
+def test_a_huge_sensitivity_value_still_makes_a_short_safe_reply() -> None:
+    verdict = decide(STRICT, [ds("a.test", N)], sensitivity="private\r\n" + "x" * 70_000)
+    assert verdict.smtp_code == "550"
+    assert "marked 'private\\x0d\\x0axxx" in verdict.reply[0]
+    for line in verdict.reply:
+        assert line.isascii() and line.isprintable() and len(line) <= 490
+
+
+def test_names_with_control_bytes_and_idns_are_shown_safely() -> None:
+    verdict = decide(STRICT, [ds("evil\r\n550 ok.test", N, "bad name\x00"),
+                              ds("bücher.test", N)])
+    text = "\n".join(verdict.reply)
+    assert "evil\\x0d\\x0a550 ok.test: cannot receive mail securely enough: bad name\\x00" in text
+    assert "xn--bcher-kva.test" in text
+    assert all(line.isprintable() for line in verdict.reply)
+
+
+def test_the_short_reply_keeps_the_meaning() -> None:
+    rejected = decide(STRICT, [ds("a.test", N)])
+    unknown = decide(STRICT, [ds("a.test", None)])
+    assert "not secure enough" in short_reply(rejected)
+    assert "not known yet" in short_reply(unknown)
+
+
+@pytest.mark.parametrize(("domains", "text"), [
+    ([ds("a.test", N)], "insecure: a.test (would reject)"),
+    ([ds("a.test", None)], "unknown: a.test (would tempfail)"),
+    ([ds("a.test", N), ds("b.test", None)], "insecure: a.test; unknown: b.test (would reject)"),
+])
+def test_monitor_mode_tags_unknown_domains_as_unknown(domains: list[DomainStatus],
+                                                      text: str) -> None:
+    assert tag_text(decide(STRICT, domains, monitor=True)) == text
+
+
+def test_the_tag_names_a_bounded_number_of_domains() -> None:
+    many = [ds(f"d{i}.test", N) for i in range(500)]
+    text = tag_text(decide(STRICT, many, monitor=True))
+    assert text.endswith("and 480 more (would reject)") and len(text) < 400

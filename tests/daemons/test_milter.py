@@ -194,7 +194,7 @@ def test_local_and_skipped_recipients_are_not_checked(make_engine: Any) -> None:
                                "names no domain (Postfix transport smtp)"),
     ("<a@b@c.test>", Milter.TEMPFAIL, "c.test: transport security not known yet"),
     ("<u@bücher.test>", Milter.TEMPFAIL, "xn--bcher-kva.test: transport security not known"),
-    ("<u@\udcff.test>", Milter.REJECT, "IDNA conversion failed"),
+    ("<u@\udcff.test>", Milter.REJECT, "not valid UTF-8"),
 ])
 def test_strange_recipients_get_a_defined_outcome(make_engine: Any, rcpt: str, expected: int,
                                                    named: str) -> None:
@@ -387,3 +387,69 @@ def test_policy_names_from_the_config_are_pre_initialised() -> None:
     instrument.init_labels(settings)
     for action in ("accept", "tag", "quarantine", "tempfail", "reject"):
         assert sample("tlsmilter_messages_total", sensitivity="medical", verdict=action) == 0
+
+
+# -- hostile input (issue 12); tests/daemons/test_fuzz.py drives the real libmilter ----------
+
+
+class RefusingCtx(Ctx):
+    """Refuses a multi-line reply as libmilter does one it cannot build; decodes macros
+    strictly, as pymilter's C getsymval does."""
+
+    def setreply(self, rcode: str, xcode: str, *msg: str) -> None:
+        if len(msg) > 1:
+            raise Milter.milter.error("cannot set reply")
+        super().setreply(rcode, xcode, *msg)
+
+    def getsymval(self, name: str) -> str | None:
+        value = super().getsymval(name)
+        if isinstance(value, bytes):
+            return value.decode("utf-8")  # raises UnicodeDecodeError, like pymilter
+        return value
+
+
+def run_refusing(engine: Engine, settings: config.Config, rcpt_addr: bytes | str,
+                 headers: list[tuple[str, str]]) -> tuple[int, RefusingCtx]:
+    Milter.factory = lambda: TlsMilter(engine, settings, policies_from(settings))
+    ctx = RefusingCtx()
+    ctx._setsymval("i", "4QID1")
+    ctx._connect()
+    ctx._envfrom("<sender@example.org>")
+    ctx._setsymval("{rcpt_addr}", rcpt_addr)
+    ctx._setsymval("{rcpt_mailer}", "smtp")
+    ctx._envrcpt("<x@y.test>")
+    ctx._data()
+    msg = email.message.Message()
+    for name, value in headers:
+        msg[name] = value
+        ctx._header(name, value)
+    ctx._msg = msg
+    ctx._eoh()
+    return ctx._eom(), ctx
+
+
+def test_a_refused_reply_is_replaced_by_a_short_one_with_the_same_code(
+        make_engine: Any) -> None:
+    engine, _ = make_engine(DEFAULT)
+    rc, ctx = run_refusing(engine, DEFAULT, "a@plain.test", SENSITIVE)
+    assert rc == Milter.REJECT
+    assert ctx._reply[:2] == ("550", "5.7.10")
+    assert "not secure enough" in ctx._reply[2]
+
+
+def test_an_undecodable_recipient_macro_is_not_assessable(make_engine: Any) -> None:
+    engine, _ = make_engine(DEFAULT)
+    grown = deltas({"fail-safe": ("tlsmilter_fail_safe_total", {"reason": "callback_error"})})
+    rc, ctx = run_refusing(engine, DEFAULT, b"a@\xff\xfe.test", SENSITIVE)
+    assert rc == Milter.REJECT and ctx._reply[:2] == ("550", "5.7.10")
+    assert grown() == {"fail-safe": 0}  # decided, not caught as an internal error
+    rc, ctx = run_refusing(engine, DEFAULT, b"a@\xff\xfe.test", [("Subject", "ordinary")])
+    assert rc == Milter.ACCEPT
+
+
+def test_the_monitor_tag_says_unknown_for_an_unassessed_domain(make_engine: Any) -> None:
+    settings = config.from_mapping({"milter": {"monitor": True, "eom_wait": 0.2}})
+    engine, _ = make_engine(settings, delay=5.0)
+    rc, ctx = send(engine, settings, ["<a@slow.test>"], SENSITIVE)
+    assert rc == Milter.ACCEPT
+    assert ctx._msg[TAG_HEADER] == "unknown: slow.test (would tempfail)"

@@ -9,7 +9,8 @@ fields::
     reasons=a.example:no_starttls
 
 Every value a sender controls (the sensitivity header's value, recipient domains) is made
-printable ASCII without spaces, so a line always splits back into its fields.
+printable ASCII without spaces and capped at 256 characters, so a line always splits back
+into its fields and stays short.
 """
 
 from __future__ import annotations
@@ -18,17 +19,21 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tlsmilter.core.levels import UNKNOWN
+from tlsmilter.core.safetext import MAX_LOG_VALUE, cap
 from tlsmilter.core.verdict import DomainStatus, Verdict
 
 MARK = "decision queue_id="
 UNRECORDED = "unrecorded"  # a line from before decision lines carried reasons=
 INTERNAL_ERROR = "internal_error"  # reason= of a fail-safe tempfail
+MAX_QUEUE_ID = 64  # Postfix's long queue IDs have about 20 characters
 
 
-def printable(text: str) -> str:
-    """Sender-controlled text for a log line: ASCII, no spaces or control characters."""
-    return "".join(c if c.isascii() and c.isprintable() and c != " " else "?" for c in text) \
-        or "-"
+def printable(text: str, limit: int = MAX_LOG_VALUE) -> str:
+    """Sender-controlled text for a log line: ASCII, no spaces or control characters, and
+    at most ``limit`` characters (cut ones end in ``...``), so one value cannot flood the log.
+    """
+    return cap("".join(c if c.isascii() and c.isprintable() and c != " " else "?"
+                       for c in text[:limit + 1]), limit) or "-"
 
 
 def format_decision(queue_id: str, sensitivity: str, statuses: Sequence[DomainStatus],

@@ -35,14 +35,27 @@ def normalize_domain(domain: str) -> str:
         raise InvalidDomain(domain, "an address literal has no MX to assess")
     try:
         ascii_name = text.encode("idna").decode("ascii").lower()
-    except UnicodeError as exc:
-        raise InvalidDomain(domain, f"IDNA conversion failed ({exc})") from None
+    except UnicodeError:
+        # The codec's message would reach an SMTP reply: say what is wrong in our words.
+        raise InvalidDomain(domain, _idna_problem(text)) from None
     labels = ascii_name.split(".")
     if len(ascii_name) > MAX_DOMAIN or any(not 0 < len(label) < 64 for label in labels):
         raise InvalidDomain(domain, "label or name too long, or an empty label")
     if any(not all(c.isalnum() or c in "-_" for c in label) for label in labels):
         raise InvalidDomain(domain, "characters outside letters, digits and hyphens")
     return ascii_name
+
+
+def _idna_problem(text: str) -> str:
+    if any(0xDC80 <= ord(c) <= 0xDCFF for c in text):
+        return "not valid UTF-8, so no IDNA name"
+    if any(not label for label in text.split(".")):
+        return "an empty label"
+    if len(text) > MAX_DOMAIN or any(len(label) > 63 for label in text.split(".")):
+        return "label or name too long"
+    if any(not c.isprintable() for c in text):
+        return "control characters in the name"
+    return "not a valid internationalised name (IDNA)"
 
 
 def _is_ip(text: str) -> bool:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tlsmilter.core.levels import Level
+from tlsmilter.core.safetext import MAX_QUOTED, domain_name, reply_line, safe
 
 
 class Action(enum.Enum):
@@ -105,16 +106,46 @@ MAX_EXTRA_LINES = 8  # policies.*.reply: the config check holds it to this
 
 def _reply_lines(policy: Policy, insecure: tuple[DomainStatus, ...],
                  unknown: tuple[DomainStatus, ...], sensitivity: str) -> tuple[str, ...]:
-    marked = f"marked {sensitivity!r}" if sensitivity else "marked sensitive"
+    # Sender-controlled text (the header's value, names that are no valid domain, and
+    # reasons that may quote a remote server) is escaped and each line capped: libmilter
+    # refuses a line with CR/LF or over 980 bytes, and SMTP allows 512 with the code.
+    marked = f"marked '{safe(sensitivity, MAX_QUOTED)}'" if sensitivity else "marked sensitive"
     head = (f"This message is {marked} and needs {policy.require.value} transport security; "
             f"it was not sent.")
-    domains = [f"{d.domain}: cannot receive mail securely enough"
+    domains = [f"{domain_name(d.domain)}: cannot receive mail securely enough"
                f"{': ' + d.why if d.why else ''}" for d in insecure]
-    domains += [f"{d.domain}: transport security not known yet"
+    domains += [f"{domain_name(d.domain)}: transport security not known yet"
                 f"{': ' + d.why if d.why else ''}; try again later" for d in unknown]
     extra = policy.reply[:MAX_EXTRA_LINES]
     room = MAX_REPLY_LINES - 1 - len(extra)
     if len(domains) > room:
         hidden = len(domains) - (room - 1)
         domains = [*domains[:room - 1], f"... and {hidden} more recipient domains fall short too"]
-    return (head, *domains, *extra)
+    return tuple(reply_line(line) for line in (head, *domains, *extra))
+
+
+def short_reply(verdict: Verdict) -> str:
+    """A reply text that always fits: for when the MTA library refuses the full one."""
+    if verdict.action is Action.REJECT or verdict.smtp_code.startswith("450"):
+        return "This sensitive message was not sent: a recipient domain is not secure enough."
+    return ("This sensitive message was not sent: a recipient domain's transport security "
+            "is not known yet; it will be retried.")
+
+
+MAX_TAG_DOMAINS = 20  # domains named in a header tlsmilter adds; the rest are counted
+
+
+def tag_text(verdict: Verdict) -> str:
+    """The tag header's value: insecure and unknown domains, each named as such."""
+    insecure = [d.domain for d in verdict.failing if d.level is not None]
+    unknown = [d.domain for d in verdict.failing if d.level is None]
+    parts = [f"{label}: {domain_list(names)}"
+             for label, names in (("insecure", insecure), ("unknown", unknown)) if names]
+    would = f" (would {verdict.would_be.value})" if verdict.would_be else ""
+    return "; ".join(parts) + would
+
+
+def domain_list(domains: Sequence[str], limit: int = MAX_TAG_DOMAINS) -> str:
+    """``a.example, b.example`` for a header: safe names, at most ``limit`` of them."""
+    named = ", ".join(domain_name(d) for d in domains[:limit])
+    return named + (f", and {len(domains) - limit} more" if len(domains) > limit else "")

@@ -17,12 +17,22 @@ from typing import Any, TypeVar
 import Milter
 
 from tlsmilter import config, labels, metrics
-from tlsmilter.core.decisionlog import format_decision, format_fail_safe
+from tlsmilter.core.decisionlog import MAX_QUEUE_ID, format_decision, format_fail_safe, printable
 from tlsmilter.core.domains import InvalidDomain, normalize_domain
 from tlsmilter.core.levels import UNKNOWN, Level
 from tlsmilter.core.reasons import INVALID_DOMAIN, LEVEL_TOO_LOW, NOT_ASSESSED, first_problem
+from tlsmilter.core.safetext import cap
 from tlsmilter.core.sensitivity import classify_sensitivity
-from tlsmilter.core.verdict import Action, DomainStatus, Policy, Verdict, decide
+from tlsmilter.core.verdict import (
+    Action,
+    DomainStatus,
+    Policy,
+    Verdict,
+    decide,
+    domain_list,
+    short_reply,
+    tag_text,
+)
 from tlsmilter.daemons import instrument
 from tlsmilter.errors import CacheUnavailable
 from tlsmilter.labels import FailSafe, RecipientLevel, Stage
@@ -137,6 +147,20 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         metrics.MILTER_SESSIONS.inc()
         metrics.MILTER_SESSIONS_ACTIVE.inc()
 
+    def getsymval(self, sym: str) -> str | None:
+        """A macro's value; bytes that are not UTF-8 kept as lone surrogates (U+DC80-U+DCFF).
+
+        pymilter's own raises UnicodeDecodeError for them (its envelope and header callbacks
+        decode with ``surrogateescape`` instead). So decoded, a recipient domain with such a
+        byte is no valid domain: it cannot be assessed, and counts as ``none``.
+        """
+        try:
+            value: str | None = super().getsymval(sym)
+        except UnicodeDecodeError as exc:
+            raw = exc.object if isinstance(exc.object, bytes) else bytes(exc.object)
+            return raw.decode("utf-8", "surrogateescape")
+        return value
+
     @_noreply
     @_fail_safe("MAIL FROM", Stage.MAIL)
     def envfrom(self, mailfrom: str, *params: str) -> int:
@@ -223,7 +247,7 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
                 time.perf_counter() - started)
 
     def _eom(self) -> int:
-        queue_id = self.getsymval("i") or "-"
+        queue_id = printable(self.getsymval("i") or "-", MAX_QUEUE_ID)
         try:
             self._strip_forged()
             policy, value = classify_sensitivity(
@@ -331,13 +355,11 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
 
     def _apply(self, verdict: Verdict, statuses: list[DomainStatus]) -> int:
         if verdict.action in (Action.REJECT, Action.TEMPFAIL):
-            self.setreply(verdict.smtp_code, verdict.enhanced_code, *_escape(verdict.reply))
+            self._setreply(verdict)
             return REJECT if verdict.action is Action.REJECT else Milter.TEMPFAIL
-        summary = "; ".join(f"{s.domain}={s.level.value if s.level else UNKNOWN}"
-                            for s in statuses)
         self.addheader(ASSESSMENT_HEADER,
                        f"policy={verdict.policy.name}; require={verdict.policy.require.value}; "
-                       f"verdict={verdict.action.value}; {summary}")
+                       f"verdict={verdict.action.value}; {_summary(statuses)}")
         for index in reversed(self.msg.tls_required_no):
             self.chgheader(TLS_REQUIRED, index, "")  # RFC 8689 must not relax TLS for it
         if verdict.action is Action.ACCEPT:
@@ -346,15 +368,27 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
                 # route when some recipient actually leaves this server.
                 self.addheader(ROUTE_HEADER, verdict.policy.require.value)
         elif verdict.action is Action.TAG:
-            failing = ", ".join(d.domain for d in verdict.failing)
-            would = f" (would {verdict.would_be.value})" if verdict.would_be else ""
-            self.addheader(TAG_HEADER, f"insecure: {failing}{would}")
+            self.addheader(TAG_HEADER, tag_text(verdict))
             tag = self.settings.milter.subject_tag
             if tag and self.msg.subject is not None:
                 self.chgheader("Subject", 1, f"{tag} {self.msg.subject}")
         elif verdict.action is Action.QUARANTINE:
-            self.quarantine("; ".join(verdict.reply[1:]) or "insecure recipient domain")
+            self.quarantine(cap("; ".join(verdict.reply[1:]), MAX_QUARANTINE_REASON)
+                            or "insecure recipient domain")
         return ACCEPT
+
+    def _setreply(self, verdict: Verdict) -> None:
+        """The verdict's reply; if libmilter refuses it, a short one with the same code.
+
+        The reply lines are already safe (``core.verdict``); this is the last line of defence,
+        so a reply that cannot be built never turns a 550 into the fail-safe 451.
+        """
+        try:
+            self.setreply(verdict.smtp_code, verdict.enhanced_code, *_escape(verdict.reply))
+        except (Milter.milter.error, ValueError) as exc:
+            log.warning("reply refused by libmilter (%s); sending the short %s reply instead",
+                        exc, verdict.smtp_code)
+            self.setreply(verdict.smtp_code, verdict.enhanced_code, short_reply(verdict))
 
     def _log(self, queue_id: str, value: str, statuses: list[DomainStatus],
              verdict: Verdict) -> None:
@@ -362,6 +396,27 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
                                        self.msg.reason_codes))
 
 
+MAX_QUARANTINE_REASON = 900  # Postfix logs it in one line; libmilter refuses over 980 bytes
+
+
+def _summary(statuses: list[DomainStatus]) -> str:
+    """The assessment header's domain list: safe names, a bounded count of them."""
+    if len(statuses) <= MAX_SUMMARY_DOMAINS:
+        return "; ".join(f"{domain_list([s.domain])}={s.level.value if s.level else UNKNOWN}"
+                         for s in statuses)
+    by_level: dict[str, list[str]] = {}  # many recipients: grouped, each group capped
+    for status in statuses:
+        by_level.setdefault(status.level.value if status.level else UNKNOWN, []).append(
+            status.domain)
+    return "; ".join(f"{level}: {domain_list(domains)}" for level, domains in by_level.items())
+
+
+MAX_SUMMARY_DOMAINS = 20
+
+
 def _escape(lines: tuple[str, ...]) -> tuple[str, ...]:
-    # libmilter drops a reply containing a lone '%'; printable ASCII only in SMTP replies.
-    return tuple(line.replace("%", "%%").encode("ascii", "replace").decode() for line in lines)
+    """Reply lines as libmilter takes them: a '%' doubled (it drops a lone one), and only
+    printable ASCII with no CR or LF (``core.safetext.reply_line`` made them so; this makes
+    sure, as a line with CR/LF would have libmilter refuse the whole reply)."""
+    return tuple("".join(c if " " <= c <= "~" else "?" for c in line).replace("%", "%%")
+                 for line in lines)
