@@ -103,6 +103,12 @@ REDIS_ERRORS = Counter("tlsmilter_redis_errors_total", "Redis commands that fail
                        registry=REGISTRY)
 REDIS_OUTAGES = Counter("tlsmilter_redis_outages_total", "Times Redis went from up to down.",
                         registry=REGISTRY)
+REDIS_BREAKER_OPEN = Gauge("tlsmilter_redis_breaker_open", "1 while the circuit breaker of "
+                           "this process's Redis connection is open: commands fail at once "
+                           "until the recovery probe gets an answer.", registry=REGISTRY)
+REDIS_SHORT_CIRCUITED = Counter("tlsmilter_redis_short_circuited_total", "Redis commands "
+                                "failed at once by the open circuit breaker, without waiting "
+                                "on Redis.", registry=REGISTRY)
 
 # policy server
 POLICY_LOOKUPS = Counter("tlsmilter_policy_lookups_total", "Postfix TLS policy lookups, by "

@@ -370,14 +370,19 @@ def test_normal_mail_and_fail_safe_activations_are_counted(
     def broken(*_a: object, **_k: object) -> None:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(engine, "lookup", broken)
+    monkeypatch.setattr(engine, "prefetch", broken)
     rc, _ctx = send(engine, DEFAULT, ["<a@dane.test>"], SENSITIVE)  # RCPT fails
+    assert rc == Milter.TEMPFAIL
+    monkeypatch.undo()
+    # The lookup RCPT started fails: found out at end-of-message, gathering assessments.
+    monkeypatch.setattr(engine, "lookup", broken)
+    rc, _ctx = send(engine, DEFAULT, ["<a@dane.test>"], SENSITIVE)
     assert rc == Milter.TEMPFAIL
     monkeypatch.undo()
     monkeypatch.setattr("tlsmilter.daemons.milter.decide", broken)
     rc, _ctx = send(engine, DEFAULT, ["<a@dane.test>"], SENSITIVE)
     assert rc == Milter.TEMPFAIL
-    assert grown() == {"normal": 1, "tempfail": 2, "callback": 1, "decide": 1, "local": 1}
+    assert grown() == {"normal": 1, "tempfail": 3, "callback": 1, "decide": 2, "local": 1}
 
 
 def test_policy_names_from_the_config_are_pre_initialised() -> None:

@@ -3,15 +3,19 @@
 ``LabRedis`` runs ``redis-server`` in the foreground as a child of the test process, bound to
 one loopback address, with persistence off and its log in the work directory. It can be
 stopped and restarted on the same port, so tests can cut the milter off from Redis and give
-it back. Named ``redis_server`` so that it does not shadow the ``redis`` client package.
+it back, or hung (SIGSTOP) and resumed, as a Redis that stops answering. Named
+``redis_server`` so that it does not shadow the ``redis`` client package.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import socket
 import ssl
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.lab.service import LabError, Service, stop_process
@@ -45,6 +49,7 @@ class LabRedis(Service):
         self.socket_path = workdir / "redis.sock" if unix_socket else None
         self.tls = tls
         self._proc: subprocess.Popen[bytes] | None = None
+        self._paused = False
 
     @property
     def url(self) -> str:
@@ -145,8 +150,32 @@ class LabRedis(Service):
             parts.append(f"{name}:\n" + "\n".join(text.splitlines()[-20:]))
         return "\n".join(parts)
 
+    def pause(self) -> None:
+        """Hang the server (SIGSTOP): connections are still accepted, nothing is answered."""
+        if self._proc is None or self._proc.poll() is not None:
+            raise LabError("Redis is not running")
+        self._proc.send_signal(signal.SIGSTOP)
+        self._paused = True
+
+    def resume(self) -> None:
+        """Let a paused server go on (SIGCONT); idempotent."""
+        if self._paused and self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGCONT)
+        self._paused = False
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hung for the ``with`` block, and always resumed after it."""
+        self.pause()
+        try:
+            yield
+        finally:
+            self.resume()
+
     def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after a bound); idempotent."""
+        """Stop the server (SIGTERM, then SIGKILL after a bound); idempotent. A paused
+        server is resumed first, or it would not act on the SIGTERM."""
+        self.resume()
         proc, self._proc = self._proc, None
         stop_process(proc, STOP_TIMEOUT)
 

@@ -11,6 +11,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -36,7 +37,7 @@ from tlsmilter.core.verdict import (
 from tlsmilter.daemons import instrument
 from tlsmilter.errors import CacheUnavailable
 from tlsmilter.labels import FailSafe, RecipientLevel, Stage
-from tlsmilter.store.base import Assessments, Entry
+from tlsmilter.store.base import Assessments, Entry, State
 
 # The decision log's logger keeps the name it always had: operators filter on it.
 log = logging.getLogger("tlsmilter.milter")
@@ -69,11 +70,26 @@ def policies_from(settings: config.Config) -> dict[str, Policy]:
     }
 
 
+class LiveConfig:
+    """The settings and policies new messages use; ``serve`` replaces them on SIGHUP.
+
+    Milter instances live per connection, so they read this at each MAIL FROM. One attribute
+    holds both, so a reader sees the old pair or the new one, never a mix.
+    """
+
+    def __init__(self, settings: config.Config) -> None:
+        self.current = (settings, policies_from(settings))
+
+    def replace(self, settings: config.Config) -> None:
+        self.current = (settings, policies_from(settings))
+
+
 @dataclass
 class Recipient:
     domain: str
     invalid: str = ""  # why the domain cannot be assessed at all (address literal, bad name)
     seen: RecipientLevel = RecipientLevel.PENDING  # what RCPT knew of its level (metrics)
+    lookup: Future[tuple[State, Entry | None]] | None = None  # started at RCPT
 
 
 @dataclass
@@ -88,6 +104,14 @@ class MessageState:
 
 
 _SEEN = {value: RecipientLevel(value) for value in (*(lv.value for lv in Level), UNKNOWN)}
+
+
+def _seen(lookup: Future[tuple[State, Entry | None]]) -> RecipientLevel:
+    """What a lookup knew of a domain's level right after it was started."""
+    if not lookup.done() or lookup.cancelled() or lookup.exception() is not None:
+        return RecipientLevel.PENDING  # still running, or the cache could not answer
+    _state, entry = lookup.result()
+    return _SEEN.get(entry.level, RecipientLevel.UNKNOWN) if entry else RecipientLevel.PENDING
 _RECIPIENTS = {seen: metrics.RECIPIENTS.labels(level=seen.value) for seen in RecipientLevel}
 
 
@@ -108,6 +132,11 @@ def _fail_safe(stage: str, timed: Stage) -> Callable[[F], F]:
             started = time.perf_counter()
             try:
                 return func(self, *args)
+            except CacheUnavailable as exc:  # expected while Redis is down: no traceback
+                log.debug("%s: %s; message passes to end-of-message", stage, exc)
+                instrument.fail_safe(FailSafe.CACHE_UNAVAILABLE)
+                self.failed = True
+                return CONTINUE
             except Exception as exc:
                 log.exception("internal error in %s; message passes to end-of-message", stage)
                 instrument.fail_safe(_fail_safe_reason(exc, FailSafe.CALLBACK_ERROR))
@@ -134,14 +163,11 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
     """One instance per SMTP connection (libmilter calls it from one thread at a time)."""
 
     def __init__(self, assessments: Assessments, settings: config.Config,
-                 policies: dict[str, Policy]) -> None:
+                 policies: dict[str, Policy], *, live: LiveConfig | None = None) -> None:
         self.assessments = assessments
-        self.settings = settings
-        self.policies = policies
-        self.watched = {h.lower() for h in settings.sensitivity.headers}
+        self.live = live
         self.internal = {h.lower(): h for h in INTERNAL_HEADERS}
-        self.local_transports = set(settings.milter.local_transports)
-        self.skip_domains = {d.lower().rstrip(".") for d in settings.milter.skip_domains}
+        self._configure(settings, policies)
         self.msg = MessageState()
         self.failed = False
         metrics.MILTER_SESSIONS.inc()
@@ -166,7 +192,16 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
     def envfrom(self, mailfrom: str, *params: str) -> int:
         self.msg = MessageState()
         self.failed = False
+        if self.live is not None:  # a reload (SIGHUP) applies from the next message on
+            self._configure(*self.live.current)
         return CONTINUE
+
+    def _configure(self, settings: config.Config, policies: dict[str, Policy]) -> None:
+        self.settings = settings
+        self.policies = policies
+        self.watched = {h.lower() for h in settings.sensitivity.headers}
+        self.local_transports = set(settings.milter.local_transports)
+        self.skip_domains = {d.lower().rstrip(".") for d in settings.milter.skip_domains}
 
     @_noreply
     @_fail_safe("RCPT TO", Stage.RCPT)
@@ -207,10 +242,11 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             return RecipientLevel.SKIPPED
         if domain in self.msg.recipients:
             return self.msg.recipients[domain].seen
-        # Starts the probe now, so it is likely done by EOM.
-        _state, entry = self.assessments.lookup(domain)
-        seen = _SEEN.get(entry.level, RecipientLevel.UNKNOWN) if entry else RecipientLevel.PENDING
-        self.msg.recipients[domain] = Recipient(domain, seen=seen)
+        # Starts the lookup, and a probe if needed, so they are likely done by EOM; RCPT
+        # never waits for either (a shared cache is read in the background).
+        lookup = self.assessments.prefetch(domain)
+        seen = _seen(lookup)
+        self.msg.recipients[domain] = Recipient(domain, seen=seen, lookup=lookup)
         return seen
 
     def _invalid(self, name: str, why: str) -> RecipientLevel:
@@ -270,6 +306,10 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
                              sensitivity=value)
             self._log(queue_id, value, statuses, verdict)
             result = self._apply(verdict, statuses)
+        except CacheUnavailable as exc:  # expected while Redis is down: no traceback
+            log.warning("queue_id=%s %s", queue_id, exc)
+            instrument.fail_safe(FailSafe.CACHE_UNAVAILABLE)
+            return self._fail(queue_id, policy.name, sensitive=True)
         except Exception as exc:
             log.exception("queue_id=%s internal error deciding a sensitive message", queue_id)
             instrument.fail_safe(_fail_safe_reason(exc, FailSafe.DECIDE_ERROR))
@@ -313,18 +353,24 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
     def _statuses(self, policy: Policy) -> list[DomainStatus]:
         """Each recipient domain's level, after waiting for the ones still being assessed.
 
-        One cache lookup per domain, a second only for those the wait was for. The reason a
-        domain falls short is read (unpacked from the cache) only for domains that fail
-        ``policy``: only their reasons reach the reply, the log and the metrics.
+        Only a sensitive message comes here, and only it waits, within ``milter.eom_wait``:
+        for the lookups RCPT started, then for the domains they found unassessed, which
+        are read again once the wait is over. A lookup that failed raises
+        ``CacheUnavailable`` (the fail-safe reply). The reason a domain falls short is read
+        (unpacked from the cache) only for domains that fail ``policy``: only their
+        reasons reach the reply, the log and the metrics.
         """
+        started = time.perf_counter()
+        deadline = time.monotonic() + self.settings.milter.eom_wait
         domains = [d for d, r in self.msg.recipients.items() if not r.invalid]
-        entries = {d: self.assessments.get(d)[1] for d in domains}
+        running = any(not self._lookup(d).done() for d in domains)
+        entries = {d: self._looked_up(d, deadline) for d in domains}
         pending = [d for d in domains if self._level(entries[d]) is None]
         if pending:
-            started = time.perf_counter()
-            self.assessments.wait(pending, self.settings.milter.eom_wait)
-            metrics.EOM_WAIT_SECONDS.observe(time.perf_counter() - started)
+            self.assessments.wait(pending, max(0.0, deadline - time.monotonic()))
             entries.update((d, self.assessments.get(d)[1]) for d in pending)
+        if running or pending:
+            metrics.EOM_WAIT_SECONDS.observe(time.perf_counter() - started)
         statuses = []
         codes = self.msg.reason_codes
         for domain, recipient in self.msg.recipients.items():
@@ -346,6 +392,18 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             statuses.append(DomainStatus(domain, level, why))
             codes[domain] = code or (UNKNOWN if level is None else LEVEL_TOO_LOW)
         return statuses
+
+    def _lookup(self, domain: str) -> Future[tuple[State, Entry | None]]:
+        lookup = self.msg.recipients[domain].lookup
+        assert lookup is not None, "RCPT starts a lookup for every valid domain"
+        return lookup
+
+    def _looked_up(self, domain: str, deadline: float) -> Entry | None:
+        """The entry the lookup RCPT started found, waited for until ``deadline``."""
+        try:
+            return self._lookup(domain).result(timeout=max(0.0, deadline - time.monotonic()))[1]
+        except TimeoutError:
+            return None  # still running: read again after the wait, like a miss
 
     @staticmethod
     def _level(entry: Entry | None) -> Level | None:

@@ -32,7 +32,7 @@ from typing import Any
 from tlsmilter import metrics
 from tlsmilter.core.delivery import AssessmentJson, PolicyAnswer, normalize_key, policy_for
 from tlsmilter.daemons.netstring import NetstringDecoder, NetstringError, encode_netstring
-from tlsmilter.errors import TlsmilterError
+from tlsmilter.errors import CacheUnavailable, TlsmilterError
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +255,9 @@ class PolicyServer:
             log.debug("policy %s failed again: %s", where, exc)
             return
         self._logged_errors.add(kind)
+        # The cache being down is expected (Redis logs its outage itself): no traceback.
         log.error("policy %s failed (%s); further %s errors at debug level", where, exc,
-                  type(exc).__name__, exc_info=exc)
+                  type(exc).__name__, exc_info=None if isinstance(exc, CacheUnavailable) else exc)
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:

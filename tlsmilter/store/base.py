@@ -13,6 +13,7 @@ import abc
 import enum
 import sys
 from collections.abc import Iterable
+from concurrent.futures import Future
 from typing import Any, Protocol
 
 from tlsmilter import config
@@ -111,7 +112,8 @@ class Assessments(abc.ABC):
     """Where the milter and the policy server get assessments: embedded or shared (Redis).
 
     ``get`` reads; ``lookup`` reads and has a missing, stale or due domain assessed (it never
-    waits); ``wait`` blocks until domains being assessed are done, or a timeout. Callers
+    waits for the assessment); ``prefetch`` starts a ``lookup`` without waiting even for the
+    cache; ``wait`` blocks until domains being assessed are done, or a timeout. Callers
     never learn which backend they have. A backend that cannot answer raises
     ``CacheUnavailable``; callers fail safe.
     """
@@ -133,6 +135,20 @@ class Assessments(abc.ABC):
                 entry is not None and is_due(entry, self.cache.now(), self._refresh_before)):
             self._request(domain)
         return state, entry
+
+    def prefetch(self, domain: str) -> Future[tuple[State, Entry | None]]:
+        """Start ``lookup(domain)`` and return at once: its outcome, or its error, later.
+
+        The milter's RCPT: it must never wait on the cache. This default does the lookup
+        right away, for a backend that reads its own memory; one that asks a server runs it
+        in the background.
+        """
+        future: Future[tuple[State, Entry | None]] = Future()
+        try:
+            future.set_result(self.lookup(domain))
+        except Exception as exc:  # the caller reads it where it needs the answer
+            future.set_exception(exc)
+        return future
 
     @abc.abstractmethod
     def _request(self, domain: str) -> None:

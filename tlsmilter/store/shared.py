@@ -6,6 +6,11 @@ publishes each stored assessment on a channel; a listener thread wakes the callb
 waiting at end-of-message, so the wait ends as soon as the result is there. The wait also
 re-reads the cache every ``POLL`` seconds, so a notice lost while the listener reconnects
 costs at most that much.
+
+The milter's RCPT never waits on Redis: ``prefetch`` runs the lookup on a few background
+threads, and only a sensitive message waits for it at end-of-message. The connection's
+circuit breaker (``redis.connection.Health``) makes every lookup fail at once during an
+outage, so a Redis that hangs costs one ``redis.timeout``, not one per recipient.
 """
 
 from __future__ import annotations
@@ -14,12 +19,13 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import redis
 
 from tlsmilter import config
 from tlsmilter.errors import CacheUnavailable
-from tlsmilter.store.base import Assessments, State
+from tlsmilter.store.base import Assessments, Entry, State
 from tlsmilter.store.redis.cache import RedisCache
 from tlsmilter.store.redis.queue import ProbeRequests
 
@@ -28,6 +34,8 @@ log = logging.getLogger(__name__)
 POLL = 0.25  # seconds between cache re-reads of a waiting callback
 LISTEN_TICK = 0.25  # seconds between the listener's looks at whether it should stop
 LISTEN_RETRY = 1.0  # seconds between attempts to resubscribe while Redis is down
+LOOKUP_THREADS = 4  # background threads running the milter's lookups
+LOOKUPS_MAX = 1000  # lookups running or waiting for a thread; past it one fails at once
 
 
 class SharedAssessments(Assessments):
@@ -50,17 +58,56 @@ class SharedAssessments(Assessments):
         self._stop = threading.Event()
         self._listener = threading.Thread(target=self._listen, name="tlsmilter-assessed",
                                           daemon=True)
+        self._lookups = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="tlsmilter-lookup")
+        self._running: dict[str, Future[tuple[State, Entry | None]]] = {}
 
     def start(self) -> None:
         self._listener.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self._lookups.shutdown(wait=False, cancel_futures=True)
+        self.redis.health.stop()
         if self._listener.is_alive():
             self._listener.join(timeout=LISTEN_RETRY + 2)
 
     def _request(self, domain: str) -> None:
         self.requests.request(domain)
+
+    def prefetch(self, domain: str) -> Future[tuple[State, Entry | None]]:
+        """``lookup`` on a background thread; one at a time per domain.
+
+        While the breaker is open the lookup fails at once, so it runs right here.
+        """
+        if self.redis.health.open:
+            return super().prefetch(domain)
+        with self._lock:
+            running = self._running.get(domain)
+            if running is not None:
+                return running
+            if len(self._running) >= LOOKUPS_MAX:
+                busy: Future[tuple[State, Entry | None]] = Future()
+                busy.set_exception(CacheUnavailable(
+                    f"{len(self._running)} redis lookups already waiting"))
+                return busy
+            future = self._lookups.submit(self._lookup, domain)
+            self._running[domain] = future
+        future.add_done_callback(lambda done: self._forget(domain, done))
+        return future
+
+    def _lookup(self, domain: str) -> tuple[State, Entry | None]:
+        try:
+            return self.lookup(domain)
+        except CacheUnavailable:
+            raise
+        except Exception:  # a bug: only a sensitive message would ever read the future
+            log.exception("looking up %s failed", domain)
+            raise
+
+    def _forget(self, domain: str, done: Future[tuple[State, Entry | None]]) -> None:
+        with self._lock:
+            if self._running.get(domain) is done:
+                del self._running[domain]
 
     def ping(self) -> bool:
         """Whether Redis answers; keeps tlsmilter_redis_up current while idle."""
@@ -118,8 +165,8 @@ class SharedAssessments(Assessments):
             try:
                 pubsub.subscribe(channel)
                 # The subscription is a connection that notices an outage while the milter
-                # is idle, and its return ends one: tlsmilter_redis_up stays true either way.
-                self.redis.health.ok()
+                # is idle. It cannot tell an outage's end (SUBSCRIBE is sent, not answered,
+                # so it "succeeds" on a Redis that hangs): the breaker's probe does that.
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=LISTEN_TICK)
                     if message and message.get("type") == "message":

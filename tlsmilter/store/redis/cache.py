@@ -38,7 +38,8 @@ class RedisCache:
         self.keys = Keys(settings.redis.prefix)
         self.client = client or connect(settings.redis)
         self._clock = clock
-        self.health = health or Health(describe(settings.redis))
+        # The breaker's recovery probe: a PING with the normal timeout.
+        self.health = health or Health(describe(settings.redis), probe=self.client.ping)
 
     def now(self) -> float:
         return self._clock()

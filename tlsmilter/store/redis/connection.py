@@ -1,8 +1,10 @@
 """Connecting to Redis (a URL or Sentinel, TLS) and telling when it is down.
 
 Redis being down is a state, not a crash: each operation raises ``CacheUnavailable``, the
-callers fail safe (docs/design.md), redis-py reconnects on the next command, and ``Health``
-logs one line when an outage starts and one when it ends.
+callers fail safe (docs/design.md), and ``Health`` logs one line when an outage starts and one
+when it ends. ``Health`` is also the circuit breaker of a connection: from the first failure
+or timeout on, operations fail at once instead of each waiting ``redis.timeout`` on a Redis
+that hangs, and one background probe finds the end of the outage.
 """
 
 from __future__ import annotations
@@ -109,19 +111,48 @@ def _url_tls(settings: config.RedisSettings) -> dict[str, Any]:
 # --- outage bookkeeping ------------------------------------------------------------------------
 
 
-class Health:
-    """Tracks whether Redis answers; logs once when an outage starts and once when it ends."""
+PROBE_EVERY = 1.0  # seconds between the recovery probes of an open breaker
 
-    def __init__(self, where: str, clock: Callable[[], float] = time.monotonic) -> None:
+
+class Health:
+    """Whether Redis answers; one log line when an outage starts, one when it ends.
+
+    With ``probe`` (a PING with the normal timeout) it is a circuit breaker too: after a
+    failure ``call`` fails at once with ``CacheUnavailable`` (counted as short-circuited)
+    and a single background thread runs ``probe`` every ``probe_every`` seconds until it
+    answers, which closes the breaker. So an outage costs a process one ``redis.timeout``,
+    not one per command. Without ``probe`` (the worker, which paces its own retries) every
+    command is tried, and the first that succeeds ends the outage.
+    """
+
+    def __init__(self, where: str, clock: Callable[[], float] = time.monotonic, *,
+                 probe: Callable[[], object] | None = None,
+                 probe_every: float = PROBE_EVERY) -> None:
         self.where = where
         self._clock = clock
+        self._probe = probe
+        self._probe_every = probe_every
         self._down_since: float | None = None
         self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._prober: threading.Thread | None = None
         metrics.REDIS_UP.set(1)
+        if probe is not None:
+            metrics.REDIS_BREAKER_OPEN.set(0)
 
     @property
     def up(self) -> bool:
         return self._down_since is None
+
+    @property
+    def open(self) -> bool:
+        """Whether the breaker is open: commands fail at once until the probe succeeds."""
+        return self._probe is not None and self._down_since is not None
+
+    @property
+    def probing(self) -> bool:
+        """Whether the recovery probe runs now."""
+        return self._prober is not None
 
     def ok(self) -> None:
         if self._down_since is None:
@@ -130,6 +161,8 @@ class Health:
             since, self._down_since = self._down_since, None
         if since is not None:
             metrics.REDIS_UP.set(1)
+            if self._probe is not None:
+                metrics.REDIS_BREAKER_OPEN.set(0)
             log.warning("redis at %s is back after %.1f s", self.where, self._clock() - since)
 
     def failed(self, exc: BaseException) -> CacheUnavailable:
@@ -143,12 +176,56 @@ class Health:
             metrics.REDIS_OUTAGES.inc()
             log.warning("redis at %s unavailable: %s; failing safe until it is back",
                         self.where, exc)
+            if self._probe is not None:
+                metrics.REDIS_BREAKER_OPEN.set(1)
+                self._start_prober()
         return CacheUnavailable(f"redis at {self.where} unavailable: {exc}")
 
     def call(self, operation: Callable[[], T]) -> T:
+        if self.open:
+            metrics.REDIS_SHORT_CIRCUITED.inc()
+            raise CacheUnavailable(f"redis at {self.where} unavailable for "
+                                   f"{self.down_for():.1f} s; not tried until it answers")
         try:
             result = operation()
         except redis.RedisError as exc:
             raise self.failed(exc) from None
         self.ok()
         return result
+
+    def down_for(self) -> float:
+        """Seconds since the outage began; 0 while Redis is up."""
+        since = self._down_since
+        return 0.0 if since is None else max(0.0, self._clock() - since)
+
+    def stop(self) -> None:
+        """End the recovery probe, if one runs (at shutdown); idempotent."""
+        self._stopped.set()
+        prober = self._prober
+        if prober is not None and prober is not threading.current_thread():
+            prober.join(timeout=self._probe_every + 1)
+
+    def _start_prober(self) -> None:
+        with self._lock:
+            if self._stopped.is_set() or self._prober is not None:
+                return  # one probe per connection: the running one sees this outage too
+            self._prober = threading.Thread(target=self._recover, name="tlsmilter-redis-probe",
+                                            daemon=True)
+            self._prober.start()
+
+    def _recover(self) -> None:
+        """Probe until Redis answers, then close the breaker: the only way it closes."""
+        assert self._probe is not None
+        while not self._stopped.wait(self._probe_every):
+            try:
+                self._probe()
+            except (redis.RedisError, OSError) as exc:
+                log.debug("redis at %s still unavailable: %s", self.where, exc)
+                continue
+            self.ok()
+            with self._lock:
+                if self._down_since is None:  # else a failure came meanwhile: go on probing
+                    self._prober = None
+                    return
+        with self._lock:
+            self._prober = None
