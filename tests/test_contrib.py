@@ -262,7 +262,10 @@ def test_unit_runs_tlsmilter_serve_as_designed() -> None:
     assert unit["Type"] == ["notify"]
     assert unit["NotifyAccess"] == ["main"]
     assert unit["KillSignal"] == ["SIGTERM"]
-    assert unit["Restart"] == ["on-failure"]
+    assert unit["Restart"] == ["always"]  # any exit systemd did not ask for
+    # The cache is saved where systemd gives the service a writable state directory.
+    assert unit["StateDirectory"] == ["tlsmilter"]
+    assert config.Config().cache.state_dir == "/var/lib/" + unit["StateDirectory"][0]
     # tlsmilter needs up to ~4 s to stop (libmilter's poll interval): leave room.
     assert seconds(unit["TimeoutStopSec"][0]) >= 10
     assert unit["User"] == ["tlsmilter"] and unit["Group"] == ["tlsmilter"]
