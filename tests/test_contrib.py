@@ -23,9 +23,9 @@ import pytest
 
 from tests.lab.postfix import MASTER_SERVICES, postconf_warnings, postfix_version
 from tlsmilter import config
+from tlsmilter.core.delivery import STRICT_SUFFIX, policy_maps
 from tlsmilter.core.levels import Level
 from tlsmilter.daemons.milter import ASSESSMENT_HEADER, ROUTE_HEADER, TAG_HEADER
-from tlsmilter.daemons.socketmap import STRICT_SUFFIX
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRIB = ROOT / "contrib" / "postfix"
@@ -37,7 +37,11 @@ SYSUSERS = ROOT / "systemd" / "tlsmilter.sysusers.conf"
 TMPFILES = ROOT / "systemd" / "tlsmilter.tmpfiles.conf"
 POSTFIX_DOC = ROOT / "docs" / "postfix.md"
 
-TRANSPORT = "tlsmilter-secure"
+# The transport of accepted sensitive mail for each level it may require, and its map's suffix.
+TRANSPORTS = {Level.ENCRYPTED: ("tlsmilter-secure", STRICT_SUFFIX),
+              Level.VERIFIED: ("tlsmilter-verified", "-verified"),
+              Level.DANE: ("tlsmilter-dane", "-dane")}
+TRANSPORT = TRANSPORTS[Level.ENCRYPTED][0]
 TIMEOUT = 60
 
 
@@ -373,9 +377,11 @@ def test_header_checks_route_sensitive_mail(postfix_dir: PostfixConfig) -> None:
         if level is Level.NONE:
             continue  # never a route: mail to such a domain is refused or tagged
         assert postfix_dir.query(table, f"{ROUTE_HEADER}: {level.value}") == \
-            f"FILTER {TRANSPORT}:", level
+            f"FILTER {TRANSPORTS[level][0]}:", level
     assert postfix_dir.query(table, f"{ROUTE_HEADER.lower()}: verified") == \
-        f"FILTER {TRANSPORT}:"
+        "FILTER tlsmilter-verified:"
+    # A value tlsmilter never writes still gets a transport that never goes below encrypt.
+    assert postfix_dir.query(table, f"{ROUTE_HEADER}: verified-ish") == f"FILTER {TRANSPORT}:"
 
 
 def test_header_checks_leave_other_headers_alone(postfix_dir: PostfixConfig) -> None:
@@ -398,17 +404,26 @@ def test_main_cf_names_the_shipped_header_checks_table() -> None:
 # --- 4. master.cf -------------------------------------------------------------------------------
 
 
-def test_master_cf_snippet_defines_the_secure_transport(postfix_dir: PostfixConfig) -> None:
+@pytest.mark.parametrize("level", list(TRANSPORTS), ids=lambda level: level.value)
+def test_master_cf_snippet_defines_the_transport_of_each_level(
+        postfix_dir: PostfixConfig, level: Level) -> None:
+    transport, suffix = TRANSPORTS[level]
     postfix_dir.append_master(MASTER_SNIPPET.read_text())
     postfix_dir.check("-n")  # also reports master.cf -o overrides nothing uses
-    entry = postfix_dir.check("-M", f"{TRANSPORT}/unix").split()
-    assert entry[:8] == [TRANSPORT, "unix", "-", "-", "n", "-", "-", "smtp"], entry
+    entry = postfix_dir.check("-M", f"{transport}/unix").split()
+    assert entry[:8] == [transport, "unix", "-", "-", "n", "-", "-", "smtp"], entry
     overrides = parameters(postfix_dir.check("-P"))
-    prefix = f"{TRANSPORT}/unix/"
+    prefix = f"{transport}/unix/"
     mine = {k.removeprefix(prefix): v for k, v in overrides.items() if k.startswith(prefix)}
+    assert mine["syslog_name"] == f"postfix/{transport}"
     assert mine["smtp_tls_security_level"] == "encrypt"
     assert mine["smtp_dns_support_level"] == "dnssec"
-    assert mine["smtp_tls_policy_maps"].startswith("socketmap:unix:")
+    _endpoint, map_name = policy_map(mine["smtp_tls_policy_maps"])
+    assert map_name == config.Config().policy_server.map_name + suffix
+    # The map must be one the policy server answers, and require the transport's level.
+    maps = policy_maps(config.Config().policy_server.map_name)
+    assert maps[map_name].strict
+    assert maps[map_name].required in (level, None)
     minimum = config.Config().prober.min_tls_version.value
     assert mine["smtp_tls_mandatory_protocols"] == f">=TLSv{minimum}"
     # Postfix 3.10+ would otherwise let a "TLS-Required: no" header, which cleanup records
@@ -475,10 +490,11 @@ def test_socket_paths_agree(postfix_dir: PostfixConfig) -> None:
 
     postfix_dir.append_master(MASTER_SNIPPET.read_text())
     overrides = parameters(postfix_dir.check("-P"))
-    endpoint, map_name = policy_map(overrides[f"{TRANSPORT}/unix/smtp_tls_policy_maps"])
-    assert postfix_socket_path(unix_path(endpoint).as_posix(), queue_dir) == policy_sock
-    # The strict variant: a domain tlsmilter cannot vouch for defers, never gets the floor.
-    assert map_name == wanted.policy_server.map_name + STRICT_SUFFIX
+    for transport, suffix in TRANSPORTS.values():
+        endpoint, map_name = policy_map(overrides[f"{transport}/unix/smtp_tls_policy_maps"])
+        assert postfix_socket_path(unix_path(endpoint).as_posix(), queue_dir) == policy_sock
+        # Strict: a domain tlsmilter cannot vouch for defers, never gets the floor.
+        assert map_name == wanted.policy_server.map_name + suffix
 
     unit = unit_settings()
     assert unit["ReadWritePaths"] == [str(socket_dir)]
@@ -502,9 +518,11 @@ def test_docs_name_the_same_paths() -> None:
     main = main_cf_settings()
     (entry,) = milter_entries(main["smtpd_milters"])
     master = MASTER_SNIPPET.read_text()
-    (policy_maps,) = re.findall(r"-o smtp_tls_policy_maps=(\S+)", master)
-    for text in (entry.endpoint, policy_maps, str(unix_path(wanted.milter.socket)),
-                 str(unix_path(wanted.policy_server.socket)), TRANSPORT, HEADER_CHECKS.name,
+    maps = re.findall(r"-o smtp_tls_policy_maps=(\S+)", master)
+    assert len(maps) == len(TRANSPORTS)
+    transports = [transport for transport, _suffix in TRANSPORTS.values()]
+    for text in (entry.endpoint, *maps, str(unix_path(wanted.milter.socket)),
+                 str(unix_path(wanted.policy_server.socket)), *transports, HEADER_CHECKS.name,
                  main["milter_header_checks"].partition(":")[2]):
         assert f"`{text}`" in doc or text in doc, f"docs/postfix.md never mentions {text}"
     for name in (MAIN_SNIPPET, MASTER_SNIPPET, HEADER_CHECKS, UNIT, SYSUSERS, TMPFILES):

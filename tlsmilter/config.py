@@ -391,7 +391,8 @@ class PolicyServerSettings:
     socket: str = _opt("unix:/run/tlsmilter/policy.sock", "Where it listens (`unix:/PATH`).",
                        lambda v: None if v.startswith("unix:/") else "expected unix:/PATH")
     map_name: str = _opt("tlspolicy", "The socketmap name Postfix asks for (`NAME-strict`: "
-                         "TEMP instead of NOTFOUND).")
+                         "TEMP instead of NOTFOUND; `NAME-encrypted`, `NAME-verified`, "
+                         "`NAME-dane`: also TEMP below that level).")
     socket_mode: str = _opt("0666", "File mode of the socket (Postfix's smtp client must reach "
                             "it).", _mode)
     metrics_listen: str = _opt(

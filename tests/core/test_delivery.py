@@ -9,7 +9,15 @@ import pytest
 
 from tests.fakes import FALLBACK, VERIFY, mx, sts_only
 from tlsmilter.assess.model import Assessment, MtaStsFacts, MxFacts
-from tlsmilter.core.delivery import normalize_key, policy_for
+from tlsmilter.core.delivery import (
+    PolicyAnswer,
+    PolicyMap,
+    answer,
+    normalize_key,
+    policy_for,
+    policy_maps,
+)
+from tlsmilter.core.levels import Level
 
 
 @pytest.mark.parametrize(("assessment", "policy"), [
@@ -85,3 +93,64 @@ def test_policy_for_real_assessment_json() -> None:
 ])
 def test_normalize_key(key: str, domain: str | None) -> None:
     assert normalize_key(key) == domain
+
+
+# --- the maps and the whole answer -------------------------------------------------------------
+
+MAPS = policy_maps("tlspolicy")
+PLAIN, STRICT = MAPS["tlspolicy"], MAPS["tlspolicy-strict"]
+ENCRYPTED, VERIFIED, DANE = (MAPS[f"tlspolicy-{level}"] for level in
+                             ("encrypted", "verified", "dane"))
+
+
+def test_the_maps_are_named_after_the_configured_one() -> None:
+    assert set(policy_maps("tp")) == {"tp", "tp-strict", "tp-encrypted", "tp-verified",
+                                      "tp-dane"}
+    assert not PLAIN.strict and STRICT.strict and STRICT.required is None
+    assert [m.required for m in (ENCRYPTED, VERIFIED, DANE)] == [
+        Level.ENCRYPTED, Level.VERIFIED, Level.DANE]
+
+
+DNSSEC_VERIFIED = {"level": "verified", "dnssec": True}
+BELOW = "TEMP tlsmilter: x.test is assessed {} now, below the {} this message requires"
+VOUCH = "TEMP tlsmilter cannot vouch for x.test: {}"
+
+
+@pytest.mark.parametrize(("assessment", "policy_map", "expected"), [
+    # the plain map: the assessed level, NOTFOUND where tlsmilter cannot vouch
+    ({"level": "dane"}, PLAIN, (PolicyAnswer.DANE_ONLY, "OK dane-only")),
+    ({"level": "none"}, PLAIN, (PolicyAnswer.NOTFOUND, "NOTFOUND ")),
+    (None, PLAIN, (PolicyAnswer.NOTFOUND, "NOTFOUND ")),
+    # strict: TEMP instead, naming why
+    ({"level": "encrypted"}, STRICT, (PolicyAnswer.ENCRYPT, "OK encrypt")),
+    ({"level": "unknown"}, STRICT, (PolicyAnswer.TEMP, VOUCH.format("assessed unknown"))),
+    (None, STRICT, (PolicyAnswer.TEMP, VOUCH.format("not assessed (again) yet"))),
+    # by required level: what is at least that level is enforced as assessed ...
+    ({"level": "encrypted"}, ENCRYPTED, (PolicyAnswer.ENCRYPT, "OK encrypt")),
+    (DNSSEC_VERIFIED, ENCRYPTED, (PolicyAnswer.VERIFY, f"OK {VERIFY}")),
+    (DNSSEC_VERIFIED, VERIFIED, (PolicyAnswer.VERIFY, f"OK {VERIFY}")),
+    ({"level": "dane"}, VERIFIED, (PolicyAnswer.DANE_ONLY, "OK dane-only")),
+    ({"level": "dane"}, DANE, (PolicyAnswer.DANE_ONLY, "OK dane-only")),
+    # ... and what fell below it defers, naming the domain and both levels
+    ({"level": "encrypted"}, VERIFIED, (PolicyAnswer.TEMP, BELOW.format("encrypted",
+                                                                         "verified"))),
+    (DNSSEC_VERIFIED, DANE, (PolicyAnswer.TEMP, BELOW.format("verified", "dane"))),
+    ({"level": "encrypted"}, DANE, (PolicyAnswer.TEMP, BELOW.format("encrypted", "dane"))),
+    ({"level": "none"}, VERIFIED, (PolicyAnswer.TEMP, VOUCH.format("assessed none"))),
+    (None, DANE, (PolicyAnswer.TEMP, VOUCH.format("not assessed (again) yet"))),
+])
+def test_answer(assessment: Mapping[str, Any] | None, policy_map: PolicyMap,
+                expected: tuple[PolicyAnswer, str]) -> None:
+    assert answer("x.test", assessment, policy_map) == expected
+
+
+@pytest.mark.parametrize("level", ["none", "encrypted", "verified", "dane", "unknown", None])
+@pytest.mark.parametrize("name", sorted(MAPS))
+def test_no_map_answers_weaker_than_it_requires(level: str | None, name: str) -> None:
+    assessment = None if level is None else {"level": level, "dnssec": True}
+    counted, reply = answer("x.test", assessment, MAPS[name])
+    required = MAPS[name].required
+    if required is not None and counted is not PolicyAnswer.TEMP:
+        assert level is not None and Level(level) >= required, (name, level, reply)
+    if MAPS[name].strict:
+        assert counted is not PolicyAnswer.NOTFOUND

@@ -25,7 +25,7 @@ from tests.conftest import world_searchable_dir
 from tests.lab import daemons, mail
 from tests.lab.daemons import Daemon
 from tests.lab.lab import Lab
-from tests.lab.model import Smtp, Tls
+from tests.lab.model import Cert, Smtp, Tls
 from tests.lab.postfix import MYHOSTNAME, LabPostfix
 from tests.lab.redis_server import LabRedis
 
@@ -152,8 +152,8 @@ def test_sensitive_mail_to_a_secure_domain_is_delivered_over_tls(
            "dnssec-ca.test=verified" in data
     assert "X-TLSMilter-Route: verified" in data and "forged" not in data
     assert "TLS-Required" not in data  # RFC 8689 must not relax the enforced TLS
-    # Delivered by the enforcing transport, with the policy server's per-domain level.
-    log = wait_log(postfix, r"postfix/tlsmilter-secure/smtp\[\d+\]: .*"
+    # Delivered by the transport of the level it required, with the policy server's level.
+    log = wait_log(postfix, r"postfix/tlsmilter-verified/smtp\[\d+\]: .*"
                             r"to=<alice@dnssec-ca\.test>.*status=sent")
     assert re.search(r"Verified TLS connection established to mx1\.dnssec-ca\.test", log)
 
@@ -276,21 +276,54 @@ def test_an_assessment_lost_before_delivery_defers_until_assessed_again(
     postfix, milter = stack
     server = lab.server("dnssec-ca")
     before = len(server.messages)
-    postfix.postconf(defer_transports="tlsmilter-secure")  # hold delivery after acceptance
+    postfix.postconf(defer_transports="tlsmilter-verified")  # hold delivery after acceptance
     try:
         send(postfix, message("gina@dnssec-ca.test", "assessment lost", "private"))
         forget(milter, "dnssec-ca.test")
         postfix.postconf(defer_transports="")
         # Not delivered with the transport's floor: deferred, naming why ...
-        log = wait_log(postfix, r"tlsmilter-secure/smtp\[\d+\]: .*to=<gina@dnssec-ca\.test>.*"
+        log = wait_log(postfix, r"tlsmilter-verified/smtp\[\d+\]: .*to=<gina@dnssec-ca\.test>.*"
                                 r"status=deferred", poke=postfix.flush)
         assert "cannot vouch for dnssec-ca.test" in log, log[-3000:]
         assert len(server.messages) == before
         # ... while that lookup had the domain assessed again: a later try delivers.
-        wait_log(postfix, r"tlsmilter-secure/smtp\[\d+\]: .*to=<gina@dnssec-ca\.test>.*"
+        wait_log(postfix, r"tlsmilter-verified/smtp\[\d+\]: .*to=<gina@dnssec-ca\.test>.*"
                           r"status=sent", poke=postfix.flush)
     finally:
         postfix.postconf(defer_transports="")
+    (received,) = server.wait_for_messages(before + 1, timeout=30)[before:]
+    assert received.tls_version == "TLSv1.3"
+
+
+def test_a_domain_that_falls_below_the_required_level_defers_and_never_leaves_weaker(
+        lab: Lab, stack: tuple[LabPostfix, Milter]) -> None:
+    # Accepted as "verified" (DNSSEC, a CA certificate); then an attacker on the path answers
+    # with a certificate of its own. TLS still works, so the domain is assessed "encrypted":
+    # delivery with "encrypt" would hand the attacker a message that required "verified".
+    postfix, milter = stack
+    server = lab.server("falls")
+    before = len(server.messages)
+    genuine = server.behaviour
+    postfix.postconf(defer_transports="tlsmilter-verified")  # hold delivery after acceptance
+    try:
+        send(postfix, message("hal@falls.test", "then its certificate is replaced", "private"))
+        server.behaviour = Smtp(cert=Cert.SELF_SIGNED)
+        forget(milter, "falls.test")  # the next assessment sees the attacker's certificate
+        postfix.postconf(defer_transports="")
+        log = wait_log(postfix, r"tlsmilter: falls\.test is assessed encrypted now, below the "
+                                r"verified this message requires", poke=postfix.flush, timeout=60)
+        deferred = re.findall(r"tlsmilter-verified/smtp\[\d+\]: .*to=<hal@falls\.test>.*", log)
+        assert deferred and all("status=deferred" in line for line in deferred), deferred
+        assert len(server.messages) == before  # the attacker's server got nothing
+        # Once the genuine server is back and assessed again, the message goes, verified.
+        server.behaviour = genuine
+        forget(milter, "falls.test")
+        log = wait_log(postfix, r"tlsmilter-verified/smtp\[\d+\]: .*to=<hal@falls\.test>.*"
+                                r"status=sent", poke=postfix.flush, timeout=60)
+        assert re.search(r"Verified TLS connection established to mx1\.falls\.test", log)
+    finally:
+        postfix.postconf(defer_transports="")
+        server.behaviour = genuine  # the other backend's run needs it as it was
     (received,) = server.wait_for_messages(before + 1, timeout=30)[before:]
     assert received.tls_version == "TLSv1.3"
 

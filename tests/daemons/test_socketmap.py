@@ -271,8 +271,33 @@ def test_strict_map_defers_what_the_plain_map_leaves_to_the_floor(tmp_path: Path
     finally:
         del ASSESSMENTS["unknown.test"]
     assert answers.counts() == collections.Counter([
-        "dane-only", "encrypt", "temp", "temp", "temp", "notfound",
-                       "notfound", "notfound"])
+        "dane-only", "encrypt", "temp", "temp", "temp", "notfound", "notfound", "notfound"])
+
+
+def test_each_required_level_has_a_map_that_defers_what_fell_below_it(tmp_path: Path) -> None:
+    sock = tmp_path / "policy.sock"
+    answers = CountedAnswers()
+
+    async def scenario() -> None:
+        async with serving(sock, map_name="tp"), connect(sock) as client:
+            keys = ("dane.test", "dnssec.test", "enc.test", "none.test")
+            await client.send(b"".join(request(key, name=f"tp-{level}".encode())
+                                       for level in ("encrypted", "verified", "dane")
+                                       for key in keys) + request("enc.test", name=b"tp-x"))
+            below = "TEMP tlsmilter: {} is assessed {} now, below the {} this message requires"
+            vouch = b"TEMP tlsmilter cannot vouch for none.test: assessed none"
+            assert await client.replies(13) == [
+                b"OK dane-only", b"OK " + VERIFY.encode(), b"OK encrypt", vouch,  # encrypted
+                b"OK dane-only", b"OK " + VERIFY.encode(),
+                below.format("enc.test", "encrypted", "verified").encode(), vouch,  # verified
+                b"OK dane-only", below.format("dnssec.test", "verified", "dane").encode(),
+                below.format("enc.test", "encrypted", "dane").encode(), vouch,  # dane
+                b"PERM unknown map tp-x",
+            ]
+
+    run(scenario())
+    assert answers.counts() == collections.Counter(
+        ["dane-only"] * 3 + ["verify"] * 2 + ["encrypt"] + ["temp"] * 6 + ["perm"])
 
 
 def test_lookup_failure_is_temp_and_logged_once(

@@ -54,6 +54,7 @@ SCENARIOS: tuple[Domain, ...] = (
     Domain("bogus", B, mx=(MX("mx1"),)),
     Domain("hang", U, mx=(MX("mx1", Smtp(Tls.HANG)),)),
     Domain("hang-second", S, mx=(MX("mx1"), MX("mx2", Smtp(Tls.HANG), preference=20))),
-    # for delivery tests: switched to plaintext at run time by the tests that need it
+    # for delivery tests: switched to plaintext, or to an attacker's certificate, at run time
     Domain("degrades", U, mx=(MX("mx1", Smtp(Tls.TLS12)),)),
+    Domain("falls", S, mx=(MX("mx1"),)),
 )

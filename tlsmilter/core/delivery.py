@@ -3,8 +3,20 @@
 Postfix's smtp client asks, per next-hop domain, which TLS security level to enforce
 (``smtp_tls_policy_maps``). ``policy_for`` turns a domain's cached assessment (the
 ``check --json`` object) into that answer, never weaker than the assessed level;
-``normalize_key`` says which domain a Postfix lookup key names. Pure: the socketmap server
+``normalize_key`` says which domain a Postfix lookup key names; ``answer`` is the whole reply
+to one lookup in one of the maps ``policy_maps`` names. Pure: the socketmap server
 (``daemons.socketmap``) does the talking.
+
+The maps, for ``policy_server.map_name = "tlspolicy"``:
+
+- ``tlspolicy``: the assessed level, or NOTFOUND for a domain tlsmilter cannot vouch for (not
+  cached, assessed ``none`` or ``unknown``), leaving the transport's own level in force;
+- ``tlspolicy-strict``: TEMP instead of NOTFOUND, so Postfix defers;
+- ``tlspolicy-encrypted``, ``tlspolicy-verified``, ``tlspolicy-dane``: strict, and TEMP also
+  when the domain's current assessment is below that level. Accepted sensitive mail goes to
+  the transport of the level it required, whose map is one of these: a domain that got weaker
+  after the milter accepted the message (an attacker blocking an MTA-STS policy fetch, TLSA
+  lookups failing, a certificate replaced) defers the message; it never leaves weaker.
 
 ``dane-only`` and ``verify`` rely on Postfix's own DNSSEC lookups: they need
 ``smtp_dns_support_level = dnssec`` and a validating resolver, as DANE always does.
@@ -14,9 +26,11 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from tlsmilter.core.domains import InvalidDomain, normalize_domain
+from tlsmilter.core.levels import Level
 
 AssessmentJson = Mapping[str, Any]
 
@@ -109,3 +123,48 @@ def normalize_key(key: str) -> str | None:
         return normalize_domain(text)
     except InvalidDomain:
         return None
+
+
+# --- the maps and the whole answer ------------------------------------------------------------
+
+STRICT_SUFFIX = "-strict"  # <map_name>-strict: TEMP where the plain map says NOTFOUND
+ROUTED_LEVELS = (Level.ENCRYPTED, Level.VERIFIED, Level.DANE)  # <map_name>-<level>
+
+
+@dataclass(frozen=True)
+class PolicyMap:
+    """What a map name asks of an answer."""
+
+    strict: bool  # TEMP, not NOTFOUND, for a domain tlsmilter cannot vouch for
+    required: Level | None = None  # TEMP for a domain assessed below this level
+
+
+def policy_maps(map_name: str) -> dict[str, PolicyMap]:
+    """Every map name the policy server answers, for ``policy_server.map_name``."""
+    maps = {map_name: PolicyMap(strict=False),
+            f"{map_name}{STRICT_SUFFIX}": PolicyMap(strict=True)}
+    for level in ROUTED_LEVELS:
+        maps[f"{map_name}-{level.value}"] = PolicyMap(strict=True, required=level)
+    return maps
+
+
+def answer(domain: str, assessment: AssessmentJson | None,
+           policy_map: PolicyMap) -> tuple[PolicyAnswer, str]:
+    """The reply to a lookup of ``domain`` in ``policy_map``, and what it counts as.
+
+    The reply is the socketmap payload: ``OK <policy>``, ``NOTFOUND `` or ``TEMP <reason>``.
+    A TEMP reason names the domain and why, for Postfix's log.
+    """
+    policy = policy_for(assessment)
+    level = assessment.get("level") if isinstance(assessment, Mapping) else None
+    if policy is not None and policy_map.required is not None \
+            and Level(str(level)) < policy_map.required:
+        return PolicyAnswer.TEMP, (
+            f"TEMP tlsmilter: {domain} is assessed {level} now, below the "
+            f"{policy_map.required.value} this message requires")
+    if policy is None and policy_map.strict:
+        why = f"assessed {level}" if level else "not assessed (again) yet"
+        return PolicyAnswer.TEMP, f"TEMP tlsmilter cannot vouch for {domain}: {why}"
+    if policy is None:
+        return PolicyAnswer.NOTFOUND, "NOTFOUND "
+    return PolicyAnswer(policy.split(" ", 1)[0]), f"OK {policy}"

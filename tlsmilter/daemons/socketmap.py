@@ -10,11 +10,9 @@ reply one netstring ``OK <data>``, ``NOTFOUND ``, ``TEMP <reason>``, ``TIMEOUT <
 cached assessment of the domain (``core.delivery.policy_for``); the server never waits for a
 probe.
 
-Two maps: ``tlspolicy`` (the configured name) answers NOTFOUND for a domain it cannot vouch
-for (not in the cache, assessed ``none`` or ``unknown``), leaving the transport's own level in
-force. ``tlspolicy-strict`` answers TEMP instead, so Postfix defers: that is the map for the
-transport of accepted sensitive mail, where such a domain means the assessment was lost (a
-restart of ``serve``, an expiry) or the domain got worse since the milter accepted the mail.
+The maps it answers, and what each answers, are ``core.delivery``'s (``policy_maps``,
+``answer``): ``tlspolicy`` (the configured name), ``tlspolicy-strict``, and one per level the
+milter routes accepted sensitive mail by (``tlspolicy-encrypted``, ``-verified``, ``-dane``).
 """
 
 from __future__ import annotations
@@ -25,12 +23,19 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from tlsmilter import metrics
-from tlsmilter.core.delivery import AssessmentJson, PolicyAnswer, normalize_key, policy_for
+from tlsmilter.core.delivery import (
+    STRICT_SUFFIX,
+    AssessmentJson,
+    PolicyAnswer,
+    answer,
+    normalize_key,
+    policy_maps,
+)
 from tlsmilter.daemons.netstring import NetstringDecoder, NetstringError, encode_netstring
 from tlsmilter.errors import CacheUnavailable, TlsmilterError
 
@@ -46,7 +51,7 @@ DEFAULT_MODE = 0o666  # access control belongs to the socket's directory, see Po
 Lookup = Callable[[str], AssessmentJson | Awaitable[AssessmentJson | None] | None]
 
 
-STRICT_SUFFIX = "-strict"  # <map_name>-strict: TEMP where the plain map says NOTFOUND
+__all__ = ["STRICT_SUFFIX", "Lookup", "PolicyServer", "PolicyServerError"]
 
 
 # --- the server -----------------------------------------------------------------------------
@@ -66,8 +71,8 @@ class PolicyServer:
 
     ``lookup`` gets a normalised domain and returns its cached assessment (the ``to_json``
     dict) or None; it may be a coroutine function. It may start a probe of a missing or
-    stale domain, but must not wait for it: Postfix waits. Requests name ``map_name`` or
-    ``map_name`` + ``-strict`` (see the module's docstring).
+    stale domain, but must not wait for it: Postfix waits. Requests name one of the maps
+    ``core.delivery.policy_maps(map_name)`` lists.
 
     The socket gets ``mode`` (default 0666: the map is read-only and holds public DNS
     facts, and Postfix's smtp processes must be able to connect); restrict who may connect
@@ -87,9 +92,8 @@ class PolicyServer:
         self.lookup = lookup
         self.path = path
         self.map_name = map_name
-        # The map names Postfix may ask for, and whether each is the strict one.
-        self._strict_by_name = {map_name.encode(): False,
-                                f"{map_name}{STRICT_SUFFIX}".encode(): True}
+        # The map names Postfix may ask for, and what each asks of an answer.
+        self._maps = {name.encode(): what for name, what in policy_maps(map_name).items()}
         self.mode = mode
         self.idle_timeout = idle_timeout
         self._server: asyncio.Server | None = None
@@ -110,8 +114,8 @@ class PolicyServer:
             sock.close()
             self._unlink()
             raise
-        log.info("policy server listening on %s (maps %s and %s%s)", self.path, self.map_name,
-                 self.map_name, STRICT_SUFFIX)
+        log.info("policy server listening on %s (maps %s)", self.path,
+                 ", ".join(name.decode() for name in self._maps))
 
     async def stop(self) -> None:
         """Stop listening, close every connection and remove the socket file."""
@@ -204,8 +208,8 @@ class PolicyServer:
         if not space:
             self._count(PolicyAnswer.PERM)
             return b"PERM malformed request"
-        strict = self._strict_by_name.get(name)
-        if strict is None:
+        policy_map = self._maps.get(name)
+        if policy_map is None:
             self._count(PolicyAnswer.PERM)
             shown = name[:64].decode("ascii", "backslashreplace")
             return f"PERM unknown map {shown}".encode()
@@ -221,29 +225,21 @@ class PolicyServer:
         try:
             found = self.lookup(domain)
             assessment = await found if inspect.isawaitable(found) else found
-            policy = policy_for(assessment)
+            counted, reply = answer(domain, assessment, policy_map)
         except Exception as exc:  # the cache's failure, never Postfix's problem to parse
             self._log_error("lookup", exc)
             self._count(PolicyAnswer.TEMP)
             return b"TEMP cache unavailable"
-        if policy is None and strict:
-            level = assessment.get("level") if isinstance(assessment, Mapping) else None
-            why = f"assessed {level}" if level else "not assessed (again) yet"
-            log.info("policy %s: TEMP, deferring delivery (%s)", domain, why)
-            self._count(PolicyAnswer.TEMP)
-            return f"TEMP tlsmilter cannot vouch for {domain}: {why}".encode()
-        if policy is None:
-            log.debug("policy %s: NOTFOUND", domain)
-            self._count(PolicyAnswer.NOTFOUND)
-            return b"NOTFOUND "
-        log.debug("policy %s: %s", domain, policy)
-        reply = f"OK {policy}".encode()
         if len(reply) > MAX_REPLY:
             log.warning("policy for %s is longer than Postfix accepts", domain)
             self._count(PolicyAnswer.PERM)
             return b"PERM policy too long"
-        self._count(PolicyAnswer(policy.split(" ", 1)[0]))
-        return reply
+        if counted is PolicyAnswer.TEMP:
+            log.info("policy %s in %s: %s", domain, name.decode(), reply)
+        else:
+            log.debug("policy %s in %s: %s", domain, name.decode(), reply)
+        self._count(counted)
+        return reply.encode()
 
     def _count(self, answer: PolicyAnswer) -> None:
         self._answers[answer].inc()
