@@ -84,6 +84,12 @@ def _check(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from tlsmilter.daemons.serve import serve
 
+    settings = _serve_settings(args)
+    _setup_logging(settings.log.level.value)
+    return serve(settings, reread=lambda: _serve_settings(args))  # on SIGHUP
+
+
+def _serve_settings(args: argparse.Namespace) -> config.Config:
     settings = config.load_optional(args.config)
     settings = _with_metrics_listen(settings, args.metrics_listen, "metrics.listen")
     if args.socket:
@@ -92,8 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
             raise UsageError(f"--socket: {problem}")
         settings = dataclasses.replace(
             settings, milter=dataclasses.replace(settings.milter, socket=args.socket))
-    _setup_logging(settings.log.level.value)
-    return serve(settings)
+    return settings
 
 
 def _with_metrics_listen(settings: config.Config, value: str | None,

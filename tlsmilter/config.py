@@ -209,6 +209,13 @@ class MilterSettings:
     subject_tag: str = _opt(
         "", "Prefix added to the Subject by the `tag` action, e.g. `[insecure]`. Empty: none."
     )
+    timeout: float = _opt(
+        300.0,
+        "Seconds libmilter waits for the MTA's next command before it drops the connection "
+        "(a stalled or truncated packet holds a thread no longer). Keep it at least Postfix's "
+        "`smtpd_timeout` (300 s): Postfix sends nothing while its SMTP client is idle.",
+        _positive,
+    )
 
 
 class LevelName(enum.Enum):
