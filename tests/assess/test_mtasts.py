@@ -34,12 +34,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from tlsmilter.assess.dns import Resolver
 from tlsmilter.assess.mtasts import (
     POLICY_PATH,
+    CachedPolicy,
+    MemoryPolicyCache,
     Mode,
     Outcome,
     Policy,
     PolicyError,
     StsResult,
     fetch,
+    fetch_cached,
     mx_matches,
     parse_policy,
     parse_record,
@@ -542,3 +545,111 @@ def test_fetch_timeout_on_silent_server(lab: Lab, no_system_dns: list[str]) -> N
     assert result.outcome is Outcome.TIMEOUT
     assert "within 1s" in result.detail
     assert elapsed < 2.0
+
+
+# --- the policy cache (RFC 8461 3.3, 5.1) ---------------------------------------------------------
+
+NOW = 1_800_000_000.0
+ENFORCED = Policy(Mode.ENFORCE, 604800, ("mail.example.test", "*.example.test"))
+GOOD_ID = "20240101T000000Z"  # the id the lab publishes for the bare domain
+
+
+def _refused_port() -> int:
+    with socket.socket() as probe:  # a port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def _cached_fetch(lab: Lab, label: str, cache: MemoryPolicyCache, *, now: float = NOW,
+                  port: int | None = None) -> StsResult:
+    domain = _fqdn(label).rstrip(".")
+    return asyncio.run(fetch_cached(domain, lab.resolver(), cache, ca_file=lab.ca_file,
+                                    timeout=5.0, port=port or lab.https.server_address[1],
+                                    clock=lambda: now))
+
+
+def _primed(label: str, record_id: str = GOOD_ID, policy: Policy = ENFORCED,
+            fetched_at: float = NOW - 3600) -> MemoryPolicyCache:
+    cache = MemoryPolicyCache()
+    asyncio.run(cache.put(_fqdn(label).rstrip("."), CachedPolicy(record_id, policy, fetched_at)))
+    return cache
+
+
+def test_a_fetched_policy_is_cached_and_not_fetched_again_while_its_id_holds(lab: Lab) -> None:
+    cache = MemoryPolicyCache()
+    first = _cached_fetch(lab, "", cache)
+    assert first.outcome is Outcome.OK and first.policy == ENFORCED
+    fetches = len(lab.https.requests)
+    again = _cached_fetch(lab, "", cache, now=NOW + 3600)
+    assert (again.outcome, again.policy, again.record_id) == (Outcome.CACHED, ENFORCED, GOOD_ID)
+    assert again.usable == ENFORCED
+    assert "id unchanged" in again.detail and "fetched 3600 s ago" in again.detail
+    assert len(lab.https.requests) == fetches  # the TXT lookup only
+
+
+def test_a_new_id_or_a_policy_near_expiry_is_fetched_again(lab: Lab) -> None:
+    changed = _primed("", record_id="old1", policy=Policy(Mode.TESTING, 86400, ("x.test",)))
+    fetches = len(lab.https.requests)
+    result = _cached_fetch(lab, "", changed)
+    assert (result.outcome, result.policy) == (Outcome.OK, ENFORCED)
+    assert asyncio.run(changed.get(DOMAIN)) == CachedPolicy(GOOD_ID, ENFORCED, NOW)
+    old = _primed("", fetched_at=NOW - 604800 * 0.8)  # 20 % of max_age left
+    assert _cached_fetch(lab, "", old).outcome is Outcome.OK
+    assert len(lab.https.requests) == fetches + 2
+
+
+@pytest.mark.parametrize(("label", "port", "why"), [
+    ("", "refused", "connect_failed"),  # the policy host blocked
+    ("missing", None, "http_status"),  # the policy file gone (an attacker answering 404)
+    ("spf", None, "no_record"),  # the TXT record vanished
+    ("servfail", None, "dns_tempfail"),  # the TXT lookup fails
+    ("badid", None, "bad_record"),
+    ("garbage", None, "bad_policy"),
+])
+def test_a_failure_never_replaces_a_cached_unexpired_policy(
+        lab: Lab, label: str, port: str | None, why: str) -> None:
+    record_id = {"missing": "m1", "garbage": "g1"}.get(label, GOOD_ID)  # the same id: refetch
+    cache = _primed(label, record_id=record_id, fetched_at=NOW - 604800 * 0.9)  # due again
+    result = _cached_fetch(lab, label, cache, port=_refused_port() if port else None)
+    assert (result.outcome, result.policy) == (Outcome.CACHED, ENFORCED)
+    assert why in result.detail
+    assert asyncio.run(cache.get(_fqdn(label).rstrip("."))) == CachedPolicy(
+        record_id, ENFORCED, NOW - 604800 * 0.9)  # still the one fetched before
+
+
+def test_an_expired_policy_no_longer_applies(lab: Lab) -> None:
+    cache = _primed("", fetched_at=NOW - 604800 - 1)
+    result = _cached_fetch(lab, "", cache, port=_refused_port())
+    assert result.outcome is Outcome.CONNECT_FAILED and result.usable is None
+
+
+def test_a_fetched_mode_none_policy_replaces_an_enforced_one(lab: Lab) -> None:
+    # The domain itself retires its policy: only a successful fetch may do that.
+    cache = _primed("", record_id="old1")
+    lab.https.replies["mta-sts.example.test"] = Reply(
+        body=b"version: STSv1\r\nmode: none\r\nmax_age: 86400\r\n")
+    try:
+        result = _cached_fetch(lab, "", cache)
+    finally:
+        lab.https.replies["mta-sts.example.test"] = Reply()
+    assert result.outcome is Outcome.OK and result.policy is not None
+    assert result.policy.mode is Mode.NONE
+    stored = asyncio.run(cache.get(DOMAIN))
+    assert stored is not None and stored.policy.mode is Mode.NONE
+
+
+def test_cached_policies_survive_json_and_reject_garbage() -> None:
+    cached = CachedPolicy("id1", ENFORCED, NOW)
+    assert CachedPolicy.from_json(cached.to_json()) == cached
+    for bad in (None, {}, {"id": "x", "mode": "strict", "max_age": 1, "mx": [],
+                           "fetched_at": 0}, {"id": "x", "mode": "enforce", "max_age": "a",
+                                              "mx": [], "fetched_at": 0}, "text"):
+        assert CachedPolicy.from_json(bad) is None, bad
+
+
+def test_the_memory_cache_is_bounded() -> None:
+    cache = MemoryPolicyCache(max_entries=2)
+    for name in ("a.test", "b.test", "c.test"):
+        asyncio.run(cache.put(name, CachedPolicy("i", ENFORCED, NOW)))
+    assert len(cache) == 2 and asyncio.run(cache.get("a.test")) is None

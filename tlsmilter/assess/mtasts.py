@@ -2,6 +2,10 @@
 
 The parsers are pure and raise ``PolicyError``; ``fetch`` does the I/O and never raises for a
 remote problem: every way a domain can fail to publish a usable policy is an ``Outcome``.
+``fetch_cached`` adds the policy cache RFC 8461 requires of senders (sections 3.3 and 5.1): a
+policy is fetched again only when the TXT record's ``id`` changes or the cached one nears
+expiry, and a failed fetch or a vanished TXT record never replaces a cached, unexpired policy,
+which is exactly what an attacker blocking the policy fetch would need.
 
 Every name is resolved through the project's ``Resolver`` (never the system resolver), so the
 policy host's address comes from the same validating resolver as every other fact the prober
@@ -18,7 +22,10 @@ import re
 import socket
 import ssl
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import dns.rdtypes.txtbase
 
@@ -28,12 +35,16 @@ from tlsmilter.errors import TlsmilterError
 __all__ = [
     "MAX_AGE_LIMIT",
     "POLICY_PATH",
+    "CachedPolicy",
+    "MemoryPolicyCache",
     "Mode",
     "Outcome",
     "Policy",
+    "PolicyCache",
     "PolicyError",
     "StsResult",
     "fetch",
+    "fetch_cached",
     "mx_matches",
     "parse_policy",
     "parse_record",
@@ -90,6 +101,7 @@ class Outcome(enum.Enum):
     TOO_LARGE = "too_large"
     BAD_POLICY = "bad_policy"
     TIMEOUT = "timeout"
+    CACHED = "cached"  # a cached, unexpired policy: its id is current, or fetching failed
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,80 @@ class StsResult:
     record_id: str | None = None
     policy: Policy | None = None
     detail: str = ""
+
+    @property
+    def usable(self) -> Policy | None:
+        """The policy to apply: fetched now, or cached (RFC 8461 5.1)."""
+        return self.policy if self.outcome in (Outcome.OK, Outcome.CACHED) else None
+
+
+# --- the policy cache (RFC 8461 3.3) ----------------------------------------------------------
+
+REFRESH_FRACTION = 0.25  # fetch again once less than this part of max_age is left
+
+
+@dataclass(frozen=True)
+class CachedPolicy:
+    """A policy as last fetched: with the TXT ``id`` it was fetched under, at ``fetched_at``
+    (wall-clock seconds, so several hosts and restarts agree)."""
+
+    record_id: str
+    policy: Policy
+    fetched_at: float
+
+    @property
+    def expires_at(self) -> float:
+        return self.fetched_at + self.policy.max_age
+
+    @property
+    def refresh_at(self) -> float:
+        return self.expires_at - self.policy.max_age * REFRESH_FRACTION
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.record_id, "mode": self.policy.mode.value,
+                "max_age": self.policy.max_age, "mx": list(self.policy.mx),
+                "fetched_at": self.fetched_at}
+
+    @classmethod
+    def from_json(cls, data: Any) -> CachedPolicy | None:
+        """The policy ``to_json`` stored, or None for anything else (never raises)."""
+        try:
+            policy = Policy(Mode(data["mode"]), int(data["max_age"]),
+                            tuple(str(p) for p in data["mx"]))
+            return cls(str(data["id"]), policy, float(data["fetched_at"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+class PolicyCache(Protocol):
+    """Where ``fetch_cached`` keeps each domain's last valid policy (memory or Redis)."""
+
+    async def get(self, domain: str) -> CachedPolicy | None: ...
+
+    async def put(self, domain: str, cached: CachedPolicy) -> None: ...
+
+
+class MemoryPolicyCache:
+    """A process's policy cache: bounded, least recently used dropped first."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, CachedPolicy] = OrderedDict()
+
+    async def get(self, domain: str) -> CachedPolicy | None:
+        cached = self._entries.get(domain)
+        if cached is not None:
+            self._entries.move_to_end(domain)
+        return cached
+
+    async def put(self, domain: str, cached: CachedPolicy) -> None:
+        self._entries[domain] = cached
+        self._entries.move_to_end(domain)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 # --- pure parsing -------------------------------------------------------------------------
@@ -371,20 +457,85 @@ async def fetch(
     failure. Trust stores are loaded once per ``ca_file`` and process.
     """
     domain = _normalize_name(domain)
+    record_id, failure = await _record(domain, resolver)
+    if record_id is None:
+        assert failure is not None
+        return failure
+    return await _fetch_policy(domain, record_id, resolver, ca_file=ca_file, timeout=timeout,
+                               max_size=max_size, port=port)
+
+
+async def fetch_cached(
+    domain: str,
+    resolver: Resolver,
+    cache: PolicyCache,
+    *,
+    ca_file: str | None,
+    timeout: float,
+    max_size: int = DEFAULT_MAX_SIZE,
+    port: int = 443,
+    clock: Callable[[], float] = time.time,
+) -> StsResult:
+    """``fetch``, with ``cache`` as RFC 8461 sections 3.3 and 5.1 ask of a sender.
+
+    - The TXT record is always looked up. When its ``id`` is the cached policy's and that
+      policy is not near expiry, the cached policy applies and nothing is fetched.
+    - Otherwise the policy is fetched; a valid one replaces the cached one.
+    - A failed fetch, a vanished or broken TXT record, or a failed TXT lookup never replaces
+      a cached policy that has not expired: it keeps applying (``Outcome.CACHED``, with the
+      failure in ``detail``). Only a successful fetch can replace it, e.g. with mode ``none``.
+    """
+    domain = _normalize_name(domain)
+    now = clock()
+    cached = await cache.get(domain)
+    if cached is not None and now >= cached.expires_at:
+        cached = None
+    record_id, failure = await _record(domain, resolver)
+    if cached is not None and record_id == cached.record_id and now < cached.refresh_at:
+        return _from_cache(cached, now, "id unchanged")
+    if record_id is None:
+        assert failure is not None
+        return _from_cache(cached, now, failure) if cached is not None else failure
+    result = await _fetch_policy(domain, record_id, resolver, ca_file=ca_file, timeout=timeout,
+                                 max_size=max_size, port=port)
+    if result.outcome is Outcome.OK and result.policy is not None:
+        await cache.put(domain, CachedPolicy(record_id, result.policy, now))
+        return result
+    return _from_cache(cached, now, result) if cached is not None else result
+
+
+def _from_cache(cached: CachedPolicy, now: float, why: str | StsResult) -> StsResult:
+    reason = why if isinstance(why, str) else f"{why.outcome.value}: {why.detail}".rstrip(": ")
+    policy = cached.policy
+    age = max(0, int(now - cached.fetched_at))
+    return StsResult(Outcome.CACHED, record_id=cached.record_id, policy=policy,
+                     detail=f"cached policy id {cached.record_id}, mode {policy.mode.value}, "
+                            f"max_age {policy.max_age}, fetched {age} s ago ({reason})")
+
+
+async def _record(domain: str, resolver: Resolver) -> tuple[str | None, StsResult | None]:
+    """The id of ``domain``'s STS record, or why there is none."""
     record_name = f"_mta-sts.{domain}"
     answer = await resolver.query(record_name, "TXT")
     if answer.status.temporary:
-        return StsResult(Outcome.DNS_TEMPFAIL,
-                         detail=f"{record_name} TXT: {answer.status.value} {answer.detail}".strip())
+        detail = f"{record_name} TXT: {answer.status.value} {answer.detail}".strip()
+        return None, StsResult(Outcome.DNS_TEMPFAIL, detail=detail)
     if answer.status is not Status.OK:
-        return StsResult(Outcome.NO_RECORD, detail=f"{record_name} TXT: {answer.status.value}")
+        return None, StsResult(Outcome.NO_RECORD,
+                               detail=f"{record_name} TXT: {answer.status.value}")
     try:
         record_id = parse_record(_txt_strings(answer))
     except PolicyError as exc:
-        return StsResult(Outcome.BAD_RECORD, detail=str(exc))
+        return None, StsResult(Outcome.BAD_RECORD, detail=str(exc))
     if record_id is None:
-        return StsResult(Outcome.NO_RECORD, detail=f"{record_name} has no v=STSv1 TXT record")
+        return None, StsResult(Outcome.NO_RECORD,
+                               detail=f"{record_name} has no v=STSv1 TXT record")
+    return record_id, None
 
+
+async def _fetch_policy(domain: str, record_id: str, resolver: Resolver, *, ca_file: str | None,
+                        timeout: float, max_size: int, port: int) -> StsResult:
+    """Fetch and parse the policy of ``domain``, whose TXT record has ``record_id``."""
     host = f"mta-sts.{domain}"
     address, failure = await _policy_address(host, resolver)
     if address is None:

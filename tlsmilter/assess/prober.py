@@ -50,10 +50,13 @@ class Prober:
 
     def __init__(self, settings: config.ProberSettings, *, smtp_port: int = SMTP_PORT,
                  https_port: int = 443, ip_guard: IpGuard | None = None,
-                 observer: ProbeObserver | None = None) -> None:
+                 observer: ProbeObserver | None = None,
+                 sts_cache: mtasts.PolicyCache | None = None) -> None:
         """``ip_guard(address)`` is held around each probe of an address besides this
         prober's own per-address lock: workers use it to be polite fleet-wide. ``observer``
-        hears of every step and assessment (the daemons count them as metrics)."""
+        hears of every step and assessment (the daemons count them as metrics).
+        ``sts_cache`` keeps each domain's last valid MTA-STS policy (RFC 8461 3.3); by
+        default one in this prober's memory, for as long as it lives."""
         self.settings = settings
         timeouts = settings.timeouts
         if settings.resolver:
@@ -69,6 +72,7 @@ class Prober:
         self._domain_slots = asyncio.Semaphore(settings.concurrency)
         self._ip_guard = ip_guard
         self._observer: ProbeObserver = observer or SilentObserver()
+        self.sts_cache: mtasts.PolicyCache = sts_cache or mtasts.MemoryPolicyCache()
 
     async def assess_many(self, domains: Iterable[str]) -> list[Assessment]:
         """Assess domains concurrently, at most ``concurrency`` at a time, in input order."""
@@ -172,8 +176,8 @@ class Prober:
 
     async def _mta_sts(self, domain: str) -> mtasts.StsResult:
         started = time.monotonic()
-        result = await mtasts.fetch(
-            domain, self.resolver, ca_file=self.settings.ca_file or None,
+        result = await mtasts.fetch_cached(
+            domain, self.resolver, self.sts_cache, ca_file=self.settings.ca_file or None,
             timeout=self.settings.timeouts.https, port=self.https_port)
         self._observer.step_seconds(ProbeStep.MTA_STS, time.monotonic() - started)
         self._observer.step(ProbeStep.MTA_STS, result.outcome.value)
@@ -282,7 +286,7 @@ def _mx_pairs(answer: Answer) -> list[tuple[int, str]]:
 def _sts_facts(sts: mtasts.StsResult) -> tuple[MtaStsFacts | None, mtasts.Policy | None]:
     if sts.outcome is mtasts.Outcome.NO_RECORD:
         return None, None
-    policy = sts.policy if sts.outcome is mtasts.Outcome.OK else None
+    policy = sts.usable
     facts = MtaStsFacts(
         mode=policy.mode.value if policy else None, record_id=sts.record_id,
         outcome=sts.outcome.value, detail=sts.detail,

@@ -31,6 +31,7 @@ from tlsmilter.store.base import State, freshness
 from tlsmilter.store.redis.connection import Health, connect_async, describe
 from tlsmilter.store.redis.queue import WorkQueue
 from tlsmilter.store.redis.records import decode, encode
+from tlsmilter.store.redis.stspolicies import RedisPolicyCache
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,8 @@ class Worker:
     async def run(self) -> None:
         if self.prober is None:
             self.prober = Prober(self.settings.prober, ip_guard=self.ip_guard,
-                                 observer=instrument.ProbeMetrics())
+                                 observer=instrument.ProbeMetrics(),
+                                 sts_cache=RedisPolicyCache(self.client, self.queue.keys))
         metrics.WORKER_SLOTS.set(self.capacity)
         metrics.WORKER_SLOTS_BUSY.set(0)
         grouped = False

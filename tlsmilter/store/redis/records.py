@@ -45,6 +45,10 @@ class Keys:
         """Held by the worker probing an MX address, fleet-wide politeness."""
         return f"{self.prefix}ip:{address}"
 
+    def sts_policy(self, domain: str) -> str:
+        """The domain's last valid MTA-STS policy (RFC 8461 3.3), until it expires."""
+        return f"{self.prefix}sts:{domain}"
+
     def domain_of(self, key: bytes | str) -> str:
         text = key.decode() if isinstance(key, bytes) else key
         return text.removeprefix(f"{self.prefix}a:")
