@@ -102,9 +102,12 @@ class MemoryCache:
         now, wall = self._clock(), self._wall_clock()
         to_clock = now - wall
         added = 0
+        by_level: dict[str, tuple[float, float]] = {}
         with self._lock:
             for record in records:
-                ttl, grace = lifetimes(record.level, self._settings)
+                if (spans := by_level.get(record.level)) is None:
+                    spans = by_level[record.level] = lifetimes(record.level, self._settings)
+                ttl, grace = spans
                 stored_at = min(record.stored_at, wall)  # a clock stepped back since
                 fresh_until = min(record.fresh_until, stored_at + ttl)
                 usable_until = min(record.usable_until, stored_at + ttl + grace)

@@ -21,8 +21,8 @@ import os
 import struct
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from tlsmilter.errors import TlsmilterError
 from tlsmilter.store.packing import DICTIONARY_ID
@@ -45,9 +45,11 @@ class SnapshotError(TlsmilterError):
         self.incompatible = incompatible
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One saved cache entry; times are wall-clock (``time.time()``) seconds."""
+class Record(NamedTuple):
+    """One saved cache entry; times are wall-clock (``time.time()``) seconds.
+
+    A tuple: 100k of them are made at every save and load (a frozen dataclass is 3x slower).
+    """
 
     domain: str
     level: str
