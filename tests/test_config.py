@@ -39,6 +39,8 @@ def test_empty_file_is_the_default() -> None:
         ({"prober": {"timeouts": {"dns": -1}}}, "prober.timeouts.dns: must be greater than 0"),
         ({"prober": {"timeouts": 5}}, "prober.timeouts: expected a table"),
         ({"log": {"level": "loud"}}, "log.level: expected one of"),
+        ({"cache": {"state_dir": "var/lib/tlsmilter"}}, "cache.state_dir: an absolute path"),
+        ({"cache": {"snapshot_interval": 0}}, "cache.snapshot_interval: must be greater than 0"),
         ({"policies": {"private": {"reply": ["x"] * 9}}},
          "policies.private.reply: at most 8 lines, not 9"),
         ({"policies": {"private": {"reply": ["x" * 201]}}},
