@@ -8,7 +8,9 @@ the network.
 from __future__ import annotations
 
 import email.message
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from typing import Any
 
 import Milter
@@ -25,6 +27,7 @@ from tlsmilter.daemons.milter import (
     TlsMilter,
     policies_from,
 )
+from tlsmilter.errors import CacheUnavailable
 from tlsmilter.store.embedded import EmbeddedAssessments as Engine
 
 
@@ -295,6 +298,74 @@ def test_internal_error_fails_safe(make_engine: Any, monkeypatch: pytest.MonkeyP
     assert rc == Milter.TEMPFAIL and ctx._reply[:2] == ("451", "4.3.0")
     rc, ctx = send(engine, DEFAULT, ["<a@dane.test>"], [("Subject", "ordinary")])
     assert rc == Milter.ACCEPT and ctx._reply is None
+
+
+class Later:
+    """``prefetch`` as the shared backend does it: the lookup ends on another thread, after
+    ``delay``, with what the engine's own lookup finds (or ``error``); None: never."""
+
+    def __init__(self, engine: Engine, delay: float | None,
+                 error: Exception | None = None) -> None:
+        self.engine = engine
+        self.delay = delay
+        self.error = error
+        self.started: list[Future[Any]] = []
+
+    def __call__(self, domain: str) -> Future[Any]:
+        future: Future[Any] = Future()
+
+        def finish() -> None:
+            if self.error is not None:
+                future.set_exception(self.error)
+            else:
+                future.set_result(self.engine.lookup(domain))
+
+        if self.delay is not None:
+            threading.Timer(self.delay, finish).start()
+        self.started.append(future)
+        return future
+
+
+def test_rcpt_starts_lookups_and_only_sensitive_mail_waits_for_them(
+        make_engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, _ = make_engine(DEFAULT)
+    later = Later(engine, 0.3)
+    monkeypatch.setattr(engine, "prefetch", later)
+    grown = deltas({"pending": ("tlsmilter_recipients_total", {"level": "pending"}),
+                    "waits": ("tlsmilter_eom_wait_seconds_count", {})})
+    rc, _ctx = send(engine, DEFAULT, ["<a@dane.test>", "<b@verified.test>"],
+                    [("Subject", "ordinary")])
+    assert rc == Milter.ACCEPT
+    assert not any(f.done() for f in later.started)  # normal mail did not wait for them
+    rc, ctx = send(engine, DEFAULT, ["<a@dane.test>", "<b@verified.test>"], SENSITIVE)
+    assert rc == Milter.ACCEPT and ctx._msg[ROUTE_HEADER] == "verified"  # waited, then knew
+    # Still running at RCPT: counted pending, as the metric is what RCPT knew.
+    assert grown() == {"pending": 4, "waits": 1}
+
+
+def test_a_cache_that_cannot_answer_tempfails_sensitive_mail_without_a_traceback(
+        make_engine: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    engine, _ = make_engine(DEFAULT)
+    monkeypatch.setattr(engine, "prefetch", Later(engine, 0.1, CacheUnavailable("redis hung")))
+    grown = deltas({"cache": ("tlsmilter_fail_safe_total", {"reason": "cache_unavailable"})})
+    with caplog.at_level("DEBUG", logger="tlsmilter"):
+        rc, _ctx = send(engine, DEFAULT, ["<a@dane.test>"], [("Subject", "ordinary")])
+        assert rc == Milter.ACCEPT
+        rc, ctx = send(engine, DEFAULT, ["<a@dane.test>"], SENSITIVE)
+    assert rc == Milter.TEMPFAIL and ctx._reply[:2] == ("451", "4.3.0")
+    assert grown() == {"cache": 1}
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_a_lookup_unfinished_by_eom_wait_counts_as_not_assessed(
+        make_engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = config.from_mapping({"milter": {"eom_wait": 0.2}})
+    engine, _ = make_engine(settings, warm=False)
+    monkeypatch.setattr(engine, "prefetch", Later(engine, None))
+    rc, ctx = send(engine, settings, ["<a@dane.test>"], SENSITIVE)
+    # Not assessed in time: unknown, the private policy's answer to which is a tempfail.
+    assert rc == Milter.TEMPFAIL and ctx._reply[:2] == ("451", "4.4.3")
 
 
 def test_prober_failure_means_unknown_not_accept(make_engine: Any) -> None:

@@ -57,7 +57,7 @@ def test_a_milter_started_while_redis_is_down_fails_safe_and_recovers_idle(
             engine.lookup("a.test")
         assert redis_up() == 0
         redis_server.start()
-        # No lookup: the listener's resubscription alone notices that Redis is back.
+        # No lookup: the breaker's probe alone notices that Redis is back.
         deadline = time.monotonic() + 10
         while not engine.redis.health.up:
             assert time.monotonic() < deadline, "Redis back, still reported down"

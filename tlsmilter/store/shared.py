@@ -114,7 +114,8 @@ class SharedAssessments(Assessments):
         return self.redis.ping()
 
     def close(self) -> None:
-        """Close the Redis connections (after ``stop``)."""
+        """Close the Redis connections (after ``stop``), and end the breaker's probe."""
+        self.redis.health.stop()
         self.redis.client.close()
 
     def wait(self, domains: Iterable[str], timeout: float) -> None:
