@@ -328,6 +328,42 @@ def test_a_domain_that_falls_below_the_required_level_defers_and_never_leaves_we
     assert received.tls_version == "TLSv1.3"
 
 
+def test_blocking_the_mta_sts_policy_host_never_downgrades_a_message(
+        lab: Lab, stack: tuple[LabPostfix, Milter]) -> None:
+    # MTA-STS alone made the domain "verified". An attacker then blocks mta-sts.<domain>, which
+    # is exactly what RFC 8461's policy cache defeats: the fetched policy keeps applying.
+    postfix, milter = stack
+    server = lab.server("sts-blocked")
+    policy_host = lab.https["sts-blocked.test"]
+    before = len(server.messages)
+    postfix.postconf(defer_transports="tlsmilter-verified")  # hold delivery after acceptance
+    try:
+        send(postfix, message("ida@sts-blocked.test", "then its policy host is blocked",
+                              "private"))
+        policy_host.stop()
+        forget(milter, "sts-blocked.test")  # assessed again while the policy host is blocked
+        postfix.postconf(defer_transports="")
+        if milter.others:
+            # The workers keep the policy in Redis: still verified, delivered verified.
+            log = wait_log(postfix, r"tlsmilter-verified/smtp\[\d+\]: .*"
+                                    r"to=<ida@sts-blocked\.test>.*status=sent",
+                           poke=postfix.flush, timeout=60)
+            assert re.search(r"Verified TLS connection established to mx1\.sts-blocked\.test",
+                             log)
+            (received,) = server.wait_for_messages(before + 1, timeout=30)[before:]
+            assert received.tls_version == "TLSv1.3"
+        else:
+            # forget() restarts serve, and the restarted prober has no policy cache yet: the
+            # domain reads "encrypted", and the message waits rather than leave weaker.
+            wait_log(postfix, r"tlsmilter: sts-blocked\.test is assessed encrypted now, below "
+                              r"the verified this message requires", poke=postfix.flush,
+                     timeout=60)
+            assert len(server.messages) == before
+    finally:
+        postfix.postconf(defer_transports="")
+        policy_host.start()
+
+
 def test_with_the_milter_stopped_postfix_tempfails_as_documented(
         stack: tuple[LabPostfix, Milter]) -> None:
     postfix, milter = stack

@@ -57,4 +57,5 @@ SCENARIOS: tuple[Domain, ...] = (
     # for delivery tests: switched to plaintext, or to an attacker's certificate, at run time
     Domain("degrades", U, mx=(MX("mx1", Smtp(Tls.TLS12)),)),
     Domain("falls", S, mx=(MX("mx1"),)),
+    Domain("sts-blocked", U, mx=(MX("mx1"),), mta_sts=MtaSts("enforce")),
 )
