@@ -350,7 +350,9 @@ class RedisSettings:
     timeout: float = _opt(
         1.0,
         "Seconds for connecting and for each command. Past it Redis counts as down: normal "
-        "mail passes, sensitive mail is tempfailed, and tlsmilter reconnects by itself.",
+        "mail passes, sensitive mail is tempfailed, further commands fail at once (the "
+        "circuit breaker) until a PING, tried once a second, is answered, and tlsmilter "
+        "reconnects by itself.",
         _positive,
     )
 
