@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 VERSION = 6
 ALL_ACTIONS = 0x1FF
 # Offer no protocol options: the milter can skip no step and must answer every command.
+# (libmilter takes packets up to 64 KB; a longer one makes it hang up.)
 NO_OPTIONS = 0
 
 # Commands (MTA to milter) and replies (milter to MTA), from libmilter's mfdef.h.

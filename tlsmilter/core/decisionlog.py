@@ -26,6 +26,8 @@ MARK = "decision queue_id="
 UNRECORDED = "unrecorded"  # a line from before decision lines carried reasons=
 INTERNAL_ERROR = "internal_error"  # reason= of a fail-safe tempfail
 MAX_QUEUE_ID = 64  # Postfix's long queue IDs have about 20 characters
+# A message may have a thousand recipients: the lists name this many, omitted= counts the rest.
+MAX_LOGGED_DOMAINS = 20
 
 
 def printable(text: str, limit: int = MAX_LOG_VALUE) -> str:
@@ -38,17 +40,29 @@ def printable(text: str, limit: int = MAX_LOG_VALUE) -> str:
 
 def format_decision(queue_id: str, sensitivity: str, statuses: Sequence[DomainStatus],
                     verdict: Verdict, reason_codes: Mapping[str, str]) -> str:
-    """The line for a decided message; ``reason_codes`` maps failing domains to codes."""
+    """The line for a decided message; ``reason_codes`` maps failing domains to codes.
+
+    Each list names at most ``MAX_LOGGED_DOMAINS`` domains (the failing ones first in
+    ``domains=``); ``omitted=`` then says how many recipient domains went unnamed.
+    """
+    shown_failing = verdict.failing[:MAX_LOGGED_DOMAINS]
+    shown = list(statuses)
+    if len(shown) > MAX_LOGGED_DOMAINS:
+        failing_names = {d.domain for d in shown_failing}
+        shown = [s for s in statuses if s.domain in failing_names]
+        shown += [s for s in statuses if s.domain not in failing_names][
+            :MAX_LOGGED_DOMAINS - len(shown)]
     levels = ",".join(f"{printable(s.domain)}:{s.level.value if s.level else UNKNOWN}"
-                      for s in statuses) or "-"
+                      for s in shown) or "-"
     would_be = f" would_be={verdict.would_be.value}" if verdict.would_be else ""
-    failing = ",".join(printable(d.domain) for d in verdict.failing) or "-"
+    failing = ",".join(printable(d.domain) for d in shown_failing) or "-"
     reasons = ",".join(f"{printable(d.domain)}:{reason_codes.get(d.domain, UNKNOWN)}"
-                       for d in verdict.failing) or "-"
+                       for d in shown_failing) or "-"
+    omitted = f" omitted={len(statuses) - len(shown)}" if len(statuses) > len(shown) else ""
     return (f"{MARK}{queue_id} sensitivity={printable(sensitivity)} "
             f"policy={verdict.policy.name} require={verdict.policy.require.value} "
             f"verdict={verdict.action.value}{would_be} domains={levels} failing={failing} "
-            f"reasons={reasons}")
+            f"reasons={reasons}{omitted}")
 
 
 def format_fail_safe(queue_id: str, sensitivity: str) -> str:
@@ -71,6 +85,7 @@ class Decision:
     failing: tuple[str, ...] = ()
     reasons: dict[str, str] = field(default_factory=dict)  # failing domain -> reason code
     internal_error: bool = False
+    omitted: int = 0  # recipient domains the line did not name (it names at most 20)
 
     @property
     def refused(self) -> bool:
@@ -94,7 +109,8 @@ def parse(line: str) -> Decision | None:
         sensitivity=fields.get("sensitivity", ""), policy=fields.get("policy", ""),
         require=fields.get("require", ""), would_be=fields.get("would_be", ""),
         levels=_pairs(fields.get("domains", "-")), failing=failing, reasons=reasons,
-        internal_error=fields.get("reason") == INTERNAL_ERROR)
+        internal_error=fields.get("reason") == INTERNAL_ERROR,
+        omitted=int(fields["omitted"]) if fields.get("omitted", "").isdigit() else 0)
 
 
 def _pairs(text: str) -> dict[str, str]:
