@@ -144,3 +144,20 @@ def test_without_a_probe_every_command_is_tried_and_a_success_ends_the_outage(
     assert [r.getMessage() for r in caplog.records][-1] == (
         "redis at redis://db.test is back after 4.0 s")
     assert not health.probing
+
+
+def test_a_probe_that_breaks_unexpectedly_is_logged_once_and_tried_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    bugs_left = [5]
+
+    def buggy() -> bool:
+        if bugs_left[0]:
+            bugs_left[0] -= 1
+            raise KeyError("a bug")
+        return True
+
+    health = Health("redis://db.test", Clock(), probe=buggy, probe_every=0.01)
+    health.failed(redis.TimeoutError("hung"))
+    eventually(lambda: health.up, "a bug in the probe left the breaker open")
+    assert bugs_left == [0]
+    assert sum(r.exc_info is not None for r in caplog.records) == 1

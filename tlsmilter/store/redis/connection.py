@@ -214,13 +214,19 @@ class Health:
             self._prober.start()
 
     def _recover(self) -> None:
-        """Probe until Redis answers, then close the breaker: the only way it closes."""
+        """Probe until Redis answers, then close the breaker."""
         assert self._probe is not None
+        surprised = False
         while not self._stopped.wait(self._probe_every):
             try:
                 self._probe()
             except (redis.RedisError, OSError) as exc:
                 log.debug("redis at %s still unavailable: %s", self.where, exc)
+                continue
+            except Exception:  # a bug: logged once, and the breaker must not stay open for good
+                if not surprised:
+                    log.exception("the probe of redis at %s failed; trying on", self.where)
+                surprised = True
                 continue
             self.ok()
             with self._lock:
