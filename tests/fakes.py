@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from tlsmilter import config
@@ -36,7 +37,8 @@ class Result:
 
 
 class TableProber:
-    """Answers from ``levels`` (``unknown`` for the rest) after ``delay`` seconds.
+    """Answers from ``levels`` (``unknown`` for the rest) after ``delay`` seconds (or the
+    domain's own, from ``delays``).
 
     Records every call in ``calls`` and, in ``log``, ``(name, domain, started, ended)``;
     ``boom.test`` raises, as a prober bug would.
@@ -44,9 +46,11 @@ class TableProber:
 
     def __init__(self, levels: dict[str, str] | None = None, delay: float = 0.0, *,
                  name: str = "prober", default: str = "unknown",
-                 log: list[tuple[str, str, float, float]] | None = None) -> None:
+                 log: list[tuple[str, str, float, float]] | None = None,
+                 delays: Callable[[str], float | None] = lambda _domain: None) -> None:
         self.levels = levels or {}
         self.delay = delay
+        self.delays = delays  # a domain's own delay, None for ``delay``
         self.name = name
         self.default = default
         self.calls: list[str] = []
@@ -55,7 +59,8 @@ class TableProber:
     async def assess(self, domain: str) -> Result:
         self.calls.append(domain)
         started = time.monotonic()
-        await asyncio.sleep(self.delay)
+        own = self.delays(domain)
+        await asyncio.sleep(self.delay if own is None else own)
         if domain == "boom.test":
             raise RuntimeError("prober bug")
         self.log.append((self.name, domain, started, time.monotonic()))

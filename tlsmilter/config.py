@@ -132,6 +132,19 @@ class ProberSettings:
         TlsVersion.TLS1_2, 'Lowest TLS version that counts as encrypted: "1.2" or "1.3".'
     )
     concurrency: int = _opt(20, "Domains assessed at the same time.", _positive)
+    reserved_slots: int = _opt(
+        5,
+        "Of the `concurrency` slots, this many only probe domains a sensitive message is "
+        "waiting for, so probes started ahead of time at RCPT cannot take them all.",
+        lambda v: None if v >= 0 else "must be 0 or more",
+    )
+    queue_limit: int = _opt(
+        1000,
+        "Probes started ahead of time at RCPT that may be running or waiting at once; more "
+        "are dropped and counted (tlsmilter_probe_queue_overflow_total). A probe a sensitive "
+        "message waits for is never dropped and goes first. Embedded backend (`serve`).",
+        _positive,
+    )
     ehlo_name: str = _opt(
         "",
         "Name sent in EHLO by the prober. Empty: this machine's fully qualified name.",

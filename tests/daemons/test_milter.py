@@ -361,7 +361,8 @@ def test_a_cache_that_cannot_answer_tempfails_sensitive_mail_without_a_traceback
 def test_a_lookup_unfinished_by_eom_wait_counts_as_not_assessed(
         make_engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = config.from_mapping({"milter": {"eom_wait": 0.2}})
-    engine, _ = make_engine(settings, warm=False)
+    # A slow prober: EOM starts the probe RCPT could not (issue 12), and it is not done either.
+    engine, _ = make_engine(settings, delay=5.0, warm=False)
     monkeypatch.setattr(engine, "prefetch", Later(engine, None))
     rc, ctx = send(engine, settings, ["<a@dane.test>"], SENSITIVE)
     # Not assessed in time: unknown, the private policy's answer to which is a tempfail.

@@ -23,11 +23,10 @@ from tlsmilter.assess.model import Assessment
 from tlsmilter.assess.prober import Prober
 from tlsmilter.store.base import Assessments
 from tlsmilter.store.memory import MemoryCache
+from tlsmilter.store.scheduling import Overload, SlotGate
 from tlsmilter.store.snapshot import StateFile
 
 log = logging.getLogger(__name__)
-
-MAX_IN_FLIGHT = 1000
 
 
 class DomainProber(Protocol):
@@ -58,6 +57,10 @@ class EmbeddedAssessments(Assessments):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="tlsmilter-engine", daemon=True)
         self._pending: dict[str, concurrent.futures.Future[dict[str, Any]]] = {}
+        # Priorities and bounds (store/scheduling.py): warm-up probes from RCPT are bounded
+        # and dropped past queue_limit; probes a waiting sensitive message needs go first.
+        self._gate = SlotGate(settings.prober.concurrency, settings.prober.reserved_slots)
+        self._overload = Overload("probe queue")
         self._lock = threading.Lock()
         self._state_dir = state_dir
         self._state: StateFile | None = None
@@ -137,18 +140,22 @@ class EmbeddedAssessments(Assessments):
     def _request(self, domain: str) -> None:
         self.assess(domain)
 
-    def assess(self, domain: str) -> concurrent.futures.Future[dict[str, Any]] | None:
-        """Start assessing ``domain`` unless already in flight; None when over capacity."""
+    def assess(self, domain: str, *, urgent: bool = False
+               ) -> concurrent.futures.Future[dict[str, Any]] | None:
+        """Start assessing ``domain`` unless already in flight; None when over capacity.
+
+        ``urgent``: a sensitive message waits for it; never dropped, and it goes first.
+        """
         with self._lock:
             future = self._pending.get(domain)
             if future is not None:
                 return future
-            if len(self._pending) >= MAX_IN_FLIGHT:
+            limit = self.settings.prober.queue_limit
+            if not urgent and len(self._pending) >= limit:
                 metrics.PROBE_QUEUE_OVERFLOW.inc()
-                log.warning("probe queue full (%d in flight): %s not assessed now",
-                            MAX_IN_FLIGHT, domain)
+                self._overload.dropped(limit)  # logs the start of an episode only
                 return None
-            future = asyncio.run_coroutine_threadsafe(self._assess(domain), self._loop)
+            future = asyncio.run_coroutine_threadsafe(self._assess(domain, urgent), self._loop)
             self._pending[domain] = future
             self._gauges()
         future.add_done_callback(lambda _f: self._done(domain))
@@ -158,6 +165,9 @@ class EmbeddedAssessments(Assessments):
         with self._lock:
             self._pending.pop(domain, None)
             self._gauges()
+            if self._overload.active and \
+                    len(self._pending) <= self.settings.prober.queue_limit // 2:
+                self._overload.relieved()  # half empty: the episode is over
 
     def _gauges(self) -> None:
         # Requests past the prober's concurrency wait for a slot: that is the queue.
@@ -165,10 +175,11 @@ class EmbeddedAssessments(Assessments):
         metrics.PROBES_IN_FLIGHT.set(running)
         metrics.PROBE_QUEUE_LENGTH.set(len(self._pending) - running)
 
-    async def _assess(self, domain: str) -> dict[str, Any]:
+    async def _assess(self, domain: str, urgent: bool = False) -> dict[str, Any]:
         assert self._prober is not None
         try:
-            result = (await self._prober.assess(domain)).to_json()
+            async with self._gate.slot(domain, urgent=urgent):
+                result = (await self._prober.assess(domain)).to_json()
         except Exception:
             log.exception("assessing %s failed", domain)
             raise
@@ -176,6 +187,14 @@ class EmbeddedAssessments(Assessments):
         return result
 
     def wait(self, domains: Iterable[str], timeout: float) -> None:
+        # A sensitive message waits: its probes go first, and one RCPT could not start
+        # (the warm-up queue was full) starts now.
+        domains = list(domains)
+        for domain in domains:
+            if domain in self._pending:
+                self._loop.call_soon_threadsafe(self._gate.promote, domain)
+            elif self.memory.get(domain)[1] is None:
+                self.assess(domain, urgent=True)
         with self._lock:
             futures = [f for d in domains if (f := self._pending.get(d)) is not None]
         if futures:
