@@ -145,6 +145,20 @@ class ProberSettings:
         "message waits for is never dropped and goes first. Embedded backend (`serve`).",
         _positive,
     )
+    warmup_per_message: int = _opt(
+        100,
+        "New domains one message may have probed at RCPT; past it they are only probed if "
+        "the message turns out sensitive (at end-of-message). Embedded backend (`serve`).",
+        _positive,
+    )
+    warmup_per_client: int = _opt(
+        2000,
+        "New domains one client address may have probed at RCPT per `warmup_window`. "
+        "Embedded backend (`serve`).",
+        _positive,
+    )
+    warmup_window: float = _opt(60.0, "Seconds over which `warmup_per_client` counts.",
+                                _positive)
     ehlo_name: str = _opt(
         "",
         "Name sent in EHLO by the prober. Empty: this machine's fully qualified name.",

@@ -91,6 +91,9 @@ PROBES_IN_FLIGHT = Gauge("tlsmilter_probes_in_flight", "Domain assessments runni
                          registry=REGISTRY)
 PROBE_QUEUE_OVERFLOW = Counter("tlsmilter_probe_queue_overflow_total", "Probe requests "
                                "dropped because the queue was full.", registry=REGISTRY)
+WARMUP_DROPPED = Counter("tlsmilter_warmup_dropped_total", "Warm-up probes RCPT did not start "
+                         "because a message's or a client's budget was spent.", ["reason"],
+                         registry=REGISTRY)
 WORKER_SLOTS = Gauge("tlsmilter_worker_slots", "Probes this worker may run at once.",
                      registry=REGISTRY)
 WORKER_SLOTS_BUSY = Gauge("tlsmilter_worker_slots_busy", "Probe slots of this worker in use.",

@@ -29,6 +29,7 @@ from tlsmilter.daemons.milter import (
 )
 from tlsmilter.errors import CacheUnavailable
 from tlsmilter.store.embedded import EmbeddedAssessments as Engine
+from tlsmilter.store.scheduling import WarmupBudget
 
 
 class Ctx(testctx.TestCtx):  # type: ignore[misc]
@@ -489,12 +490,19 @@ def run_refusing(engine: Engine, settings: config.Config, rcpt_addr: bytes | str
                  headers: list[tuple[str, str]]) -> tuple[int, RefusingCtx]:
     Milter.factory = lambda: TlsMilter(engine, settings, policies_from(settings))
     ctx = RefusingCtx()
+    ctx._setsymval("{rcpt_addr}", rcpt_addr)
+    rc = deliver(ctx, ["<x@y.test>"], headers)
+    return rc, ctx
+
+
+def deliver(ctx: Ctx, rcpts: list[str], headers: list[tuple[str, str]]) -> int:
+    """One message through ``ctx`` (its macros set by the caller); the EOM answer."""
     ctx._setsymval("i", "4QID1")
+    ctx._setsymval("{rcpt_mailer}", "smtp")
     ctx._connect()
     ctx._envfrom("<sender@example.org>")
-    ctx._setsymval("{rcpt_addr}", rcpt_addr)
-    ctx._setsymval("{rcpt_mailer}", "smtp")
-    ctx._envrcpt("<x@y.test>")
+    for rcpt in rcpts:
+        ctx._envrcpt(rcpt)
     ctx._data()
     msg = email.message.Message()
     for name, value in headers:
@@ -502,7 +510,7 @@ def run_refusing(engine: Engine, settings: config.Config, rcpt_addr: bytes | str
         ctx._header(name, value)
     ctx._msg = msg
     ctx._eoh()
-    return ctx._eom(), ctx
+    return int(ctx._eom())
 
 
 def test_a_refused_reply_is_replaced_by_a_short_one_with_the_same_code(
@@ -530,3 +538,31 @@ def test_the_monitor_tag_says_unknown_for_an_unassessed_domain(make_engine: Any)
     rc, ctx = send(engine, settings, ["<a@slow.test>"], SENSITIVE)
     assert rc == Milter.ACCEPT
     assert ctx._msg[TAG_HEADER] == "unknown: slow.test (would tempfail)"
+
+
+def test_rcpt_starts_warm_up_probes_within_the_budget_only(make_engine: Any) -> None:
+    settings = config.from_mapping({"prober": {"warmup_per_message": 100},
+                                    "milter": {"eom_wait": 5.0}})
+    engine, prober = make_engine(settings, warm=False)
+    budget = WarmupBudget(100, 10_000, 60.0)
+    Milter.factory = lambda: TlsMilter(engine, settings, policies_from(settings), budget=budget)
+    grown = deltas({"message": ("tlsmilter_warmup_dropped_total", {"reason": "message"})})
+
+    def message(rcpts: list[str], headers: list[tuple[str, str]]) -> tuple[int, Ctx]:
+        ctx = Ctx()
+        ctx._setsymval("{client_addr}", "192.0.2.7")
+        return deliver(ctx, rcpts, headers), ctx
+
+    rc, _ctx = message([f"<u@new{i}.test>" for i in range(150)], [("Subject", "ordinary")])
+    assert rc == Milter.ACCEPT and grown() == {"message": 50}
+    engine.wait([f"new{i}.test" for i in range(100)], 5.0)  # the ones RCPT started
+    assert len(prober.calls) == 100  # the other 50 were not probed for an ordinary message
+    # A sensitive message past the budget: its unprobed domain is probed at end-of-message.
+    calls = len(prober.calls)
+    rc, ctx = message([*(f"<u@new{i}.test>" for i in range(200, 300)), "<u@dane.test>"],
+                      SENSITIVE)
+    assert grown() == {"message": 51}  # dane.test was the 101st new domain
+    assert prober.calls[calls + 100:] == ["dane.test"]  # probed at end-of-message
+    assert rc == Milter.TEMPFAIL  # the new*.test domains are unknown ...
+    reply = "\n".join(ctx._reply[2:])
+    assert "new200.test: " in reply and "dane.test" not in reply  # ... dane.test passed

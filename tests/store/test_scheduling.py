@@ -17,7 +17,7 @@ import pytest
 from tests.fakes import TableProber
 from tlsmilter import config, metrics
 from tlsmilter.store.embedded import EmbeddedAssessments
-from tlsmilter.store.scheduling import Overload, SlotGate
+from tlsmilter.store.scheduling import Overload, SlotGate, WarmupBudget
 
 
 def test_warm_up_probes_leave_the_reserved_slots_free() -> None:
@@ -138,3 +138,23 @@ def test_a_5000_domain_flood_does_not_delay_a_sensitive_verdict(
     assert time.monotonic() - started < 5.0
     assert engine.get("healthy.test")[1] is not None
     assert engine.get("queued.test")[1] is not None
+
+
+def test_warm_up_budgets_per_message_and_per_client() -> None:
+    clock = [0.0]
+    budget = WarmupBudget(per_message=3, per_client=5, window=60.0, clock=lambda: clock[0])
+    assert [budget.allow("192.0.2.1", used) for used in range(4)] == [None, None, None,
+                                                                      "message"]
+    assert [budget.allow("192.0.2.1", 0) for _ in range(3)] == [None, None, "client"]
+    assert budget.allow("192.0.2.2", 0) is None  # another client has its own budget
+    clock[0] = 60.0  # a new window
+    assert budget.allow("192.0.2.1", 0) is None
+
+
+def test_the_client_table_is_bounded() -> None:
+    budget = WarmupBudget(per_message=10, per_client=1, window=60.0, clock=lambda: 0.0)
+    budget.MAX_CLIENTS = 100
+    for i in range(1000):
+        assert budget.allow(f"client{i}", 0) is None
+    assert len(budget._clients) == 100
+    assert budget.allow("client999", 0) == "client"  # the newest are remembered

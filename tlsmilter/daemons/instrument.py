@@ -31,6 +31,7 @@ from tlsmilter.labels import (
     Stage,
 )
 from tlsmilter.store.base import State
+from tlsmilter.store.scheduling import WARMUP_BUDGETS
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ def init_labels(settings: config.Config | None = None) -> None:
         metrics.RECIPIENTS.labels(level=level.value)
     for stage in Stage:
         metrics.CALLBACK_SECONDS.labels(stage=stage.value)
+    for budget in WARMUP_BUDGETS:
+        metrics.WARMUP_DROPPED.labels(reason=budget)
     for reason in FailSafe:
         metrics.FAIL_SAFE.labels(reason=reason.value)
     for code in REFUSAL_REASONS:

@@ -38,6 +38,7 @@ from tlsmilter.daemons import instrument
 from tlsmilter.errors import CacheUnavailable
 from tlsmilter.labels import FailSafe, RecipientLevel, Stage
 from tlsmilter.store.base import Assessments, Entry, State
+from tlsmilter.store.scheduling import WarmupBudget
 
 # The decision log's logger keeps the name it always had: operators filter on it.
 log = logging.getLogger("tlsmilter.milter")
@@ -101,6 +102,7 @@ class MessageState:
     tls_required_count: int = 0
     subject: str | None = None
     reason_codes: dict[str, str] = field(default_factory=dict)  # domain -> first problem code
+    warmups: int = 0  # probes RCPT started for new domains (prober.warmup_per_message)
 
 
 _SEEN = {value: RecipientLevel(value) for value in (*(lv.value for lv in Level), UNKNOWN)}
@@ -163,9 +165,13 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
     """One instance per SMTP connection (libmilter calls it from one thread at a time)."""
 
     def __init__(self, assessments: Assessments, settings: config.Config,
-                 policies: dict[str, Policy], *, live: LiveConfig | None = None) -> None:
+                 policies: dict[str, Policy], *, live: LiveConfig | None = None,
+                 budget: WarmupBudget | None = None) -> None:
         self.assessments = assessments
         self.live = live
+        # With a backend that probes what end-of-message waits for (embedded): RCPT starts
+        # warm-up probes only within budget (issue 12). None: every RCPT may start one.
+        self.budget = budget
         self.internal = {h.lower(): h for h in INTERNAL_HEADERS}
         self._configure(settings, policies)
         self.msg = MessageState()
@@ -244,10 +250,29 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             return self.msg.recipients[domain].seen
         # Starts the lookup, and a probe if needed, so they are likely done by EOM; RCPT
         # never waits for either (a shared cache is read in the background).
-        lookup = self.assessments.prefetch(domain)
+        lookup = (self._warm_up(domain) if self.budget is not None
+                  else self.assessments.prefetch(domain))
         seen = _seen(lookup)
         self.msg.recipients[domain] = Recipient(domain, seen=seen, lookup=lookup)
         return seen
+
+    def _warm_up(self, domain: str) -> Future[tuple[State, Entry | None]]:
+        """``prefetch``, if the domain is cached or the budgets allow a probe; else only
+        the cache read (a sensitive message has it probed at end-of-message)."""
+        assert self.budget is not None
+        lookup: Future[tuple[State, Entry | None]] = Future()
+        state, entry = self.assessments.get(domain)  # the embedded cache: in memory
+        if state is State.HIT:
+            lookup.set_result((state, entry))
+            return lookup
+        client = self.getsymval("{client_addr}") or "-"
+        spent = self.budget.allow(client, self.msg.warmups)
+        if spent is None:
+            self.msg.warmups += 1
+            return self.assessments.prefetch(domain)
+        metrics.WARMUP_DROPPED.labels(reason=spent).inc()
+        lookup.set_result((state, entry))
+        return lookup
 
     def _invalid(self, name: str, why: str) -> RecipientLevel:
         """A recipient that cannot be assessed: ``none`` for sensitive mail, with ``why``."""

@@ -25,6 +25,7 @@ from tlsmilter.errors import TlsmilterError
 from tlsmilter.store.base import Assessments
 from tlsmilter.store.embedded import EmbeddedAssessments
 from tlsmilter.store.redis.connection import describe
+from tlsmilter.store.scheduling import WarmupBudget
 from tlsmilter.store.shared import SharedAssessments
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,12 @@ def serve(settings: config.Config,
         log.info("shared cache on %s: run tlsmilter policy-server for Postfix's TLS policy "
                  "lookups, and tlsmilter worker for probes", describe(settings.redis))
     live = LiveConfig(settings)
-    Milter.factory = lambda: TlsMilter(assessments, *live.current, live=live)
+    # Warm-up budgets need a backend that probes what end-of-message waits for: embedded.
+    prober = settings.prober
+    budget = WarmupBudget(prober.warmup_per_message, prober.warmup_per_client,
+                          prober.warmup_window) \
+        if isinstance(assessments, EmbeddedAssessments) else None
+    Milter.factory = lambda: TlsMilter(assessments, *live.current, live=live, budget=budget)
     Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE)
     Reloader(live, reread or (lambda: settings)).start()
     stop = threading.Event()

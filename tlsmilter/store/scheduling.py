@@ -9,13 +9,15 @@ slots are kept for them alone, and warm-up requests beyond a bounded queue are d
 counted, never queued without bound.
 
 ``SlotGate`` orders probes on the backend's event loop; ``Overload`` logs one line when
-requests start being dropped and one when that ends, with counts, instead of one per request.
+requests start being dropped and one when that ends, with counts, instead of one per request;
+``WarmupBudget`` bounds the warm-up probes one message, and one client, may start.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -143,3 +145,44 @@ class Overload:
                     self._clock() - self._since)
         self._since = None
         self.count = 0
+
+
+WARMUP_BUDGETS = ("message", "client")  # what ``WarmupBudget.allow`` says is spent
+
+
+class WarmupBudget:
+    """How many warm-up probes one message, and one client over a window, may start.
+
+    RCPT asks before it starts a lookup that may probe; past either budget it starts none
+    (a sensitive message still gets its domains probed, urgently, at end-of-message). Clients
+    are keyed by address; the table of clients is bounded, the oldest forgotten first.
+    Thread-safe: libmilter calls from many threads.
+    """
+
+    MAX_CLIENTS = 10_000
+
+    def __init__(self, per_message: int, per_client: int, window: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_message = per_message
+        self.per_client = per_client
+        self.window = window
+        self._clock = clock
+        self._clients: dict[str, tuple[float, int]] = {}  # client -> (window start, count)
+        self._lock = threading.Lock()
+
+    def allow(self, client: str, used_by_message: int) -> str | None:
+        """None if one more warm-up probe may start, else which budget is spent."""
+        if used_by_message >= self.per_message:
+            return "message"
+        now = self._clock()
+        with self._lock:
+            since, count = self._clients.pop(client, (now, 0))
+            if now - since >= self.window:
+                since, count = now, 0
+            if count >= self.per_client:
+                self._clients[client] = (since, count)
+                return "client"
+            self._clients[client] = (since, count + 1)  # re-inserted: newest last
+            while len(self._clients) > self.MAX_CLIENTS:
+                del self._clients[next(iter(self._clients))]
+        return None
