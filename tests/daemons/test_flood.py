@@ -1,0 +1,135 @@
+"""A flood of hanging domains cannot delay a sensitive verdict (issue 12), through ``serve``.
+
+One ordinary message names 5000 new domains whose DNS hangs: a resolver in front of the lab's
+Unbound forwards every query but those for ``flood*`` names, which it never answers. Then a
+sensitive message to a healthy domain nobody has assessed yet must get its final verdict
+within its ``eom_wait`` plus 1 s: with the default warm-up budgets, and with the budgets
+lifted so that only the probe priorities and the reserved slots protect it.
+"""
+
+from __future__ import annotations
+
+import socketserver
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dns.message
+import dns.query
+import pytest
+
+from tests.lab import daemons
+from tests.lab.lab import Lab
+from tests.lab.milterproto import ACCEPT, Mail, one_mail
+
+pytestmark = pytest.mark.lab
+
+EOM_WAIT = 8.0
+FLOOD = 5000
+
+
+class HangingResolver:
+    """Forwards DNS queries (UDP and TCP) to ``upstream``; those for ``flood*`` names hang."""
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.hung = 0
+        forward = self._forward
+
+        class Udp(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                data, sock = self.request
+                answer = forward(data, tcp=False)
+                if answer is not None:
+                    sock.sendto(answer, self.client_address)
+
+        class Tcp(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                (length,) = struct.unpack("!H", self.rfile.read(2))
+                answer = forward(self.rfile.read(length), tcp=True)
+                if answer is not None:
+                    self.wfile.write(struct.pack("!H", len(answer)) + answer)
+
+        socketserver.ThreadingUDPServer.daemon_threads = True
+        socketserver.ThreadingTCPServer.daemon_threads = True
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        self.udp = socketserver.ThreadingUDPServer(("127.0.0.1", 0), Udp)
+        port = self.udp.server_address[1]
+        self.tcp = socketserver.ThreadingTCPServer(("127.0.0.1", port), Tcp)
+        self.address = f"127.0.0.1:{port}"
+
+    def _forward(self, data: bytes, *, tcp: bool) -> bytes | None:
+        query = dns.message.from_wire(data)
+        if query.question and str(query.question[0].name).startswith("flood"):
+            self.hung += 1
+            return None  # hangs: the prober waits for its DNS timeout
+        host, port = self.upstream
+        send = dns.query.tcp if tcp else dns.query.udp
+        return send(query, host, port=port, timeout=5.0).to_wire()  # type: ignore[no-any-return]
+
+    def __enter__(self) -> HangingResolver:
+        for server in (self.udp, self.tcp):
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for server in (self.udp, self.tcp):
+            server.shutdown()
+            server.server_close()
+
+
+@pytest.fixture
+def resolver(lab: Lab) -> Iterator[HangingResolver]:
+    with HangingResolver(lab.resolver) as running:
+        yield running
+
+
+def start_serve(lab: Lab, workdir: Path, resolver: HangingResolver,
+                prober: dict[str, Any]) -> daemons.Daemon:
+    config = daemons.write_config(workdir / "tlsmilter.toml", lab, workdir, overrides={
+        "milter": {"eom_wait": EOM_WAIT}, "log": {"level": "info"},
+        "prober": {"resolver": resolver.address, **prober},
+        "prober.timeouts": {"dns": 30.0, "domain": 60.0}})
+    serve = daemons.serve(config, workdir / "tlsmilter.log")
+    serve.start()
+    return serve
+
+
+@pytest.mark.parametrize("prober", [
+    {},  # the default budgets: one message starts at most 100 warm-up probes
+    {"warmup_per_message": 100_000, "warmup_per_client": 100_000},  # priorities alone
+], ids=["budgets", "priorities"])
+def test_a_sensitive_verdict_is_not_delayed_by_5000_hanging_domains(
+        lab: Lab, tmp_path: Path, resolver: HangingResolver, prober: dict[str, Any]) -> None:
+    serve = start_serve(lab, tmp_path, resolver, prober)
+    try:
+        sock = str(tmp_path / "milter.sock")
+        flood = Mail([f"u@flood{i}.example" for i in range(FLOOD)], [("Subject", "Hi")])
+        assert one_mail(sock, flood).code == ACCEPT  # ordinary: not delayed
+        deadline = time.monotonic() + 10
+        while resolver.hung < 15:  # the 15 warm-up slots (20 less 5 reserved) all hang
+            assert time.monotonic() < deadline, resolver.hung
+            time.sleep(0.05)
+
+        started = time.monotonic()
+        healthy = Mail([f"u@{lab.domain('dane-full')}"],
+                       [("Subject", "Patient file"), ("X-Sensitivity", "private")])
+        answer = one_mail(sock, healthy)
+        seconds = time.monotonic() - started
+        # Assessed (dane) and accepted, routed to the transport the policy requires.
+        assert answer.code == ACCEPT and ("X-TLSMilter-Route", "verified") in answer.added, answer
+        assert "dane-full.test=dane" in dict(answer.added)["X-TLSMilter-Assessment"]
+        assert seconds < EOM_WAIT + 1, seconds
+        print(f"sensitive verdict after the flood in {seconds:.2f} s")
+
+        log = serve.text()
+        assert "Traceback" not in log
+        # At most one line says the queue was full (one per overload episode), not one per
+        # request.
+        assert log.count("probe queue full") <= 1
+    finally:
+        serve.stop()
