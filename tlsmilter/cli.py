@@ -150,6 +150,12 @@ def _report(args: argparse.Namespace) -> int:
     return run_report(config.load_optional(args.config), args)
 
 
+def _proof(args: argparse.Namespace) -> int:
+    from tlsmilter.commands.proof import run_proof
+
+    return run_proof(args)
+
+
 def _setup_logging(level: str) -> None:
     logging.getLogger().setLevel(level.upper())
     # One line per event, no timestamps: journald (or the operator's runner) adds them.
@@ -255,6 +261,31 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--top", type=int, default=10, metavar="N",
                      help="how many refused domains to list (default: 10)")
     rep.set_defaults(handler=_report)
+
+    prf = commands.add_parser(
+        "proof",
+        help="per sensitive message: the TLS each recipient's delivery really used",
+        description="Join Postfix's mail log with tlsmilter's decision and policy-answer "
+        "lines by queue ID: one record per sensitive message with its sensitivity, policy, "
+        "verdict and, per recipient, the level assessed, the TLS policy, relay, the TLS "
+        "Postfix negotiated and the final status. Reads files (rotated and .gz too) or "
+        "standard input, e.g. journalctl -u postfix@- -u tlsmilter -o short-iso | tlsmilter "
+        "proof. Exit status: 0 no violation, 5 some sensitive delivery left in clear, below "
+        "its required level or through the wrong transport, 1 error.",
+    )
+    prf.add_argument("logs", nargs="*", metavar="LOG",
+                     help="mail log and tlsmilter log files (default: standard input)")
+    prf.add_argument("--queue-id", action="append", metavar="QID",
+                     help="only this message (repeatable)")
+    prf.add_argument("--message-id", action="append", metavar="ID",
+                     help="only the message with this Message-ID (repeatable)")
+    prf.add_argument("--sender", action="append", metavar="ADDRESS",
+                     help="only messages from this envelope sender (repeatable)")
+    prf.add_argument("--since", metavar="TIME", help="only messages at or after TIME (ISO)")
+    prf.add_argument("--until", metavar="TIME", help="only messages before TIME (ISO)")
+    prf.add_argument("--json", action="store_true", help="one JSON object per message and line")
+    prf.add_argument("--csv", action="store_true", help="CSV, one row per recipient")
+    prf.set_defaults(handler=_proof)
 
     cfg = commands.add_parser("config", help="work with the configuration file")
     cfg_commands = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")

@@ -55,6 +55,22 @@ def contrib_master() -> list[str]:
     return [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
+def contrib_postfix(lab: Lab, workdir: Path, listen: str) -> tuple[LabPostfix, Path]:
+    """A lab Postfix in ``workdir`` set up with contrib's snippets, and the directory where
+    tlsmilter's sockets go."""
+    header_checks = workdir / "tlsmilter_header_checks"
+    shutil.copy(CONTRIB / "tlsmilter_header_checks", header_checks)
+    postfix = LabPostfix(workdir / "postfix", listen=listen,
+                         resolver=lab.dns.resolver[0], ca_file=lab.ca.ca_file,
+                         extra_main=contrib_main(header_checks),
+                         extra_master=contrib_master())
+    # The snippets name the sockets relative to Postfix's queue directory (chroot-safe), as
+    # docs/postfix.md sets them up: tlsmilter listens in <queue_directory>/tlsmilter/.
+    sockets = postfix.queue_dir / "tlsmilter"
+    sockets.mkdir(parents=True, mode=0o755)
+    return postfix, sockets
+
+
 @dataclass
 class Milter:
     """The tlsmilter side of the stack: ``serve``, plus on Redis a worker and a policy server."""
@@ -76,16 +92,7 @@ class Milter:
 @pytest.fixture(scope="module", params=["memory", "redis"])
 def stack(lab: Lab, request: pytest.FixtureRequest) -> Iterator[tuple[LabPostfix, Milter]]:
     workdir = world_searchable_dir("tlsmilter-e2e-")
-    header_checks = workdir / "tlsmilter_header_checks"
-    shutil.copy(CONTRIB / "tlsmilter_header_checks", header_checks)
-    postfix = LabPostfix(workdir / "postfix", listen=f"{lab.base}.0.4",
-                         resolver=lab.dns.resolver[0], ca_file=lab.ca.ca_file,
-                         extra_main=contrib_main(header_checks),
-                         extra_master=contrib_master())
-    # The snippets name the sockets relative to Postfix's queue directory (chroot-safe), as
-    # docs/postfix.md sets them up: tlsmilter listens in <queue_directory>/tlsmilter/.
-    sockets = postfix.queue_dir / "tlsmilter"
-    sockets.mkdir(parents=True, mode=0o755)
+    postfix, sockets = contrib_postfix(lab, workdir, f"{lab.base}.0.4")
     redis = LabRedis(workdir / "redis") if request.param == "redis" else None
     # Our own domain skipped, as docs/postfix.md recommends.
     config = daemons.write_config(workdir / "tlsmilter.toml", lab, sockets,

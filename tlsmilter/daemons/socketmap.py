@@ -36,6 +36,7 @@ from tlsmilter.core.delivery import (
     normalize_key,
     policy_maps,
 )
+from tlsmilter.core.policylog import format_answer
 from tlsmilter.daemons.netstring import NetstringDecoder, NetstringError, encode_netstring
 from tlsmilter.errors import CacheUnavailable, TlsmilterError
 
@@ -234,10 +235,10 @@ class PolicyServer:
             log.warning("policy for %s is longer than Postfix accepts", domain)
             self._count(PolicyAnswer.PERM)
             return b"PERM policy too long"
-        if counted is PolicyAnswer.TEMP:
-            log.info("policy %s in %s: %s", domain, name.decode(), reply)
-        else:
-            log.debug("policy %s in %s: %s", domain, name.decode(), reply)
+        # One bounded line per answered lookup (core.policylog): tlsmilter proof shows
+        # from it which policy a delivery used. Only tlsmilter's transports ask.
+        log.info("%s", format_answer(name.decode(), domain, counted,
+                                     reply[5:] if counted is PolicyAnswer.TEMP else ""))
         self._count(counted)
         return reply.encode()
 
