@@ -84,7 +84,7 @@ CASES = [
 
 
 def test_every_scenario_has_a_case(lab: Lab) -> None:
-    assert {c[0] for c in CASES} | {"degrades", "falls", "sts-blocked"} == set(lab.scenarios)
+    assert {c[0] for c in CASES} | {"degrades", "falls", "sts-blocked", "dane-falls"} == set(lab.scenarios)
 
 
 @pytest.mark.parametrize(("scenario", "level", "codes", "facts"), CASES, ids=[c[0] for c in CASES])

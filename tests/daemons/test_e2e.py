@@ -67,7 +67,7 @@ def contrib_postfix(lab: Lab, workdir: Path, listen: str) -> tuple[LabPostfix, P
     # The snippets name the sockets relative to Postfix's queue directory (chroot-safe), as
     # docs/postfix.md sets them up: tlsmilter listens in <queue_directory>/tlsmilter/.
     sockets = postfix.queue_dir / "tlsmilter"
-    sockets.mkdir(parents=True, mode=0o755)
+    sockets.mkdir(parents=True, mode=0o755, exist_ok=True)
     return postfix, sockets
 
 
@@ -97,7 +97,10 @@ def stack(lab: Lab, request: pytest.FixtureRequest) -> Iterator[tuple[LabPostfix
     # Our own domain skipped, as docs/postfix.md recommends.
     config = daemons.write_config(workdir / "tlsmilter.toml", lab, sockets,
                                   redis_url=redis.url if redis else None,
-                                  overrides={"milter": {"skip_domains": [MYHOSTNAME]}})
+                                  overrides={"milter": {"skip_domains": [MYHOSTNAME]},
+                                             # a policy that requires DANE
+                                             "policies.medical": {"require": "dane"},
+                                             "sensitivity.values": {"medical": "medical"}})
     others = []
     if redis is not None:
         others = [daemons.worker(config, workdir / "worker.log"),
@@ -369,6 +372,39 @@ def test_blocking_the_mta_sts_policy_host_never_downgrades_a_message(
     finally:
         postfix.postconf(defer_transports="")
         policy_host.start()
+
+
+def test_failing_tlsa_lookups_never_downgrade_a_message_that_required_dane(
+        lab: Lab, stack: tuple[LabPostfix, Milter]) -> None:
+    # Accepted as "dane"; then an attacker on the path makes the MX's TLSA lookups fail (the
+    # resolver answers REFUSED). Without TLSA the self-signed certificate proves nothing.
+    postfix, milter = stack
+    server = lab.server("dane-falls")
+    tlsa_name = "_25._tcp.mx1.dane-falls.test."
+    before = len(server.messages)
+    postfix.postconf(defer_transports="tlsmilter-dane")  # hold delivery after acceptance
+    try:
+        send(postfix, message("ann@dane-falls.test", "then its TLSA lookups fail", "medical"))
+        lab.dns.refuse(tlsa_name)
+        forget(milter, "dane-falls.test")  # assessed again while the lookups fail
+        postfix.postconf(defer_transports="")
+        log = wait_log(postfix, r"dane-falls\.test(: assessed \w+| is assessed \w+ now, below "
+                                r"the dane this message requires)", poke=postfix.flush,
+                       timeout=60)
+        deferred = re.findall(r"tlsmilter-dane/smtp\[\d+\]: .*to=<ann@dane-falls\.test>.*", log)
+        assert all("status=deferred" in line for line in deferred), deferred
+        assert len(server.messages) == before
+        # The lookups answer again: assessed dane again, delivered with DANE.
+        lab.dns.unrefuse(tlsa_name)
+        forget(milter, "dane-falls.test")
+        log = wait_log(postfix, r"tlsmilter-dane/smtp\[\d+\]: .*to=<ann@dane-falls\.test>.*"
+                                r"status=sent", poke=postfix.flush, timeout=60)
+        assert re.search(r"Verified TLS connection established to mx1\.dane-falls\.test", log)
+    finally:
+        postfix.postconf(defer_transports="")
+        lab.dns.unrefuse(tlsa_name)
+    (received,) = server.wait_for_messages(before + 1, timeout=30)[before:]
+    assert received.tls_version == "TLSv1.3"
 
 
 def test_with_the_milter_stopped_postfix_tempfails_as_documented(

@@ -175,6 +175,18 @@ class DnsLab(Service):
         self._reload_zone(name)
         self.flush(zone_name)
 
+    def refuse(self, name: str) -> None:
+        """Make Unbound answer REFUSED for ``name`` and every name below it, as an attacker
+        on the path dropping those queries would make a resolver fail, until ``unrefuse``."""
+        self._run(["unbound-control", "-c", str(self._unbound_conf), "local_zone", name,
+                   "always_refuse"], self._unbound)
+
+    def unrefuse(self, name: str) -> None:
+        """Undo ``refuse``: ``name`` resolves again (and nothing stale of it is cached)."""
+        self._run(["unbound-control", "-c", str(self._unbound_conf), "local_zone_remove",
+                   name], self._unbound)
+        self.flush(name)
+
     def flush(self, name: str) -> None:
         """Drop everything at or below ``name`` from Unbound's caches."""
         self._run(

@@ -58,4 +58,5 @@ SCENARIOS: tuple[Domain, ...] = (
     Domain("degrades", U, mx=(MX("mx1", Smtp(Tls.TLS12)),)),
     Domain("falls", S, mx=(MX("mx1"),)),
     Domain("sts-blocked", U, mx=(MX("mx1"),), mta_sts=MtaSts("enforce")),
+    Domain("dane-falls", S, mx=(MX("mx1", Smtp(cert=Cert.SELF_SIGNED), tlsa=(Tlsa(3, 1, 1),)),)),
 )

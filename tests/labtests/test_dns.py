@@ -129,6 +129,17 @@ def test_set_records_reaches_resolver(lab: DnsLab) -> None:
         assert answer(response, name, "A") == [address]
 
 
+def test_refuse_blocks_a_name_and_below_until_unrefused(lab: DnsLab) -> None:
+    assert answer(ask(lab.resolver, "www.mutable.test.", "A"), "www.mutable.test.", "A")
+    lab.refuse("mutable.test.")
+    try:
+        assert ask(lab.resolver, "www.mutable.test.", "A").rcode() == dns.rcode.REFUSED
+    finally:
+        lab.unrefuse("mutable.test.")
+    response = ask(lab.resolver, "www.mutable.test.", "A")
+    assert response.rcode() == dns.rcode.NOERROR and response.flags & dns.flags.AD
+
+
 @pytest.mark.parametrize("taken", ["authoritative", "resolver"])
 def test_address_clash_is_reported(lab: DnsLab, tmp_path: Path, net: str, taken: str) -> None:
     # The running lab's server answers the newcomer's readiness queries: the clash is only
