@@ -156,6 +156,12 @@ def _proof(args: argparse.Namespace) -> int:
     return run_proof(args)
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from tlsmilter.commands.doctor import run_doctor
+
+    return run_doctor(config.load_optional(args.config), args)
+
+
 def _setup_logging(level: str) -> None:
     logging.getLogger().setLevel(level.upper())
     # One line per event, no timestamps: journald (or the operator's runner) adds them.
@@ -286,6 +292,24 @@ def build_parser() -> argparse.ArgumentParser:
     prf.add_argument("--json", action="store_true", help="one JSON object per message and line")
     prf.add_argument("--csv", action="store_true", help="CSV, one row per recipient")
     prf.set_defaults(handler=_proof)
+
+    doc = commands.add_parser(
+        "doctor",
+        help="check that Postfix is wired so sensitive mail cannot leave below its level",
+        description=("Check the Postfix set-up with postconf, postconf -M and postconf -P "
+                     "(milters, header-checks routes, each transport's TLS floor, policy map, "
+                     "DNSSEC and log level, sockets seen from the chroot), the resolver and "
+                     "serve's sockets. One line per finding: what is wrong, why it matters, "
+                     "the fix. Exit status: 0 all well, 5 some FAIL (sensitive mail can leave "
+                     "below its level), 6 only WARN findings, 1 error."))
+    doc.add_argument("-c", dest="postfix_config", metavar="DIR",
+                     help="Postfix configuration directory (default: Postfix's own)")
+    doc.add_argument("--resolv-conf", default="/etc/resolv.conf", metavar="PATH",
+                     help="the resolver configuration Postfix uses (default: /etc/resolv.conf)")
+    doc.add_argument("--signed-name", default="isc.org", metavar="NAME",
+                     help="a DNSSEC-signed name the resolver must answer with AD "
+                     "(default: isc.org)")
+    doc.set_defaults(handler=_doctor)
 
     cfg = commands.add_parser("config", help="work with the configuration file")
     cfg_commands = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
