@@ -325,8 +325,8 @@ class CacheSettings:
     )
     state_dir: str = _opt(
         "/var/lib/tlsmilter",
-        "Directory where the memory backend keeps its assessments across restarts (systemd's "
-        '`StateDirectory=`); `""`: the cache starts empty at every start.',
+        "Directory where the memory backend keeps its assessments and MTA-STS policies across "
+        'restarts (systemd\'s `StateDirectory=`); `""`: the cache starts empty at every start.',
         lambda v: None if v == "" or v.startswith("/") else 'an absolute path, or "" for none',
     )
     snapshot_interval: float = _opt(300.0, "Seconds between saves of the memory backend's "

@@ -169,6 +169,7 @@ class MemoryPolicyCache:
     def __init__(self, max_entries: int = 100_000) -> None:
         self.max_entries = max_entries
         self._entries: OrderedDict[str, CachedPolicy] = OrderedDict()
+        self.changes = 0  # puts so far: whoever saves the cache can tell it changed
 
     async def get(self, domain: str) -> CachedPolicy | None:
         cached = self._entries.get(domain)
@@ -179,8 +180,24 @@ class MemoryPolicyCache:
     async def put(self, domain: str, cached: CachedPolicy) -> None:
         self._entries[domain] = cached
         self._entries.move_to_end(domain)
+        self.changes += 1
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+
+    def items(self) -> list[tuple[str, CachedPolicy]]:
+        """Every cached domain and policy, least recently used first (a copy)."""
+        return list(self._entries.items())
+
+    def restore(self, items: list[tuple[str, CachedPolicy]], now: float) -> int:
+        """Add ``items`` that have not expired at ``now``; how many were added."""
+        added = 0
+        for domain, cached in items:
+            if now < cached.expires_at:
+                self._entries[domain] = cached
+                added += 1
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return added
 
     def __len__(self) -> int:
         return len(self._entries)

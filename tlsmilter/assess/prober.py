@@ -72,7 +72,9 @@ class Prober:
         self._domain_slots = asyncio.Semaphore(settings.concurrency)
         self._ip_guard = ip_guard
         self._observer: ProbeObserver = observer or SilentObserver()
-        self.sts_cache: mtasts.PolicyCache = sts_cache or mtasts.MemoryPolicyCache()
+        # Not ``or``: an empty MemoryPolicyCache is falsy (it has a length).
+        self.sts_cache: mtasts.PolicyCache = (mtasts.MemoryPolicyCache() if sts_cache is None
+                                              else sts_cache)
 
     async def assess_many(self, domains: Iterable[str]) -> list[Assessment]:
         """Assess domains concurrently, at most ``concurrency`` at a time, in input order."""

@@ -48,7 +48,8 @@ def make_assessments(settings: config.Config) -> Assessments:
     if settings.cache.backend is config.CacheBackend.REDIS:
         return SharedAssessments(settings)
     return EmbeddedAssessments(
-        settings, make_prober=lambda: Prober(settings.prober, observer=instrument.ProbeMetrics()),
+        settings, make_prober=lambda sts: Prober(settings.prober, sts_cache=sts,
+                                                 observer=instrument.ProbeMetrics()),
         state_dir=settings.cache.state_dir)
 
 

@@ -20,11 +20,14 @@ from typing import Any, Protocol
 
 from tlsmilter import config, metrics
 from tlsmilter.assess.model import Assessment
+from tlsmilter.assess.mtasts import MemoryPolicyCache, PolicyCache
 from tlsmilter.assess.prober import Prober
 from tlsmilter.store.base import Assessments
 from tlsmilter.store.memory import MemoryCache
 from tlsmilter.store.scheduling import Overload, SlotGate
 from tlsmilter.store.snapshot import StateFile
+from tlsmilter.store.stsfile import FILE_NAME as STS_FILE_NAME
+from tlsmilter.store.stsfile import load_policies, save_policies
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +41,9 @@ class DomainProber(Protocol):
 class EmbeddedAssessments(Assessments):
     """Assessments from the in-process cache, probed in-process: ``tlsmilter serve`` alone.
 
-    ``make_prober`` builds the prober on the backend's loop (its semaphores and locks belong
-    there); by default a plain ``Prober``. ``prober`` gives a ready one instead (tests).
+    ``make_prober(sts_policies)`` builds the prober on the backend's loop (its semaphores and
+    locks belong there) with the backend's MTA-STS policy cache; by default a plain
+    ``Prober``. ``prober`` gives a ready one instead (tests).
     ``state_dir`` (``cache.state_dir``, passed by ``serve``) keeps the cache across restarts;
     empty: it starts empty every time.
     """
@@ -47,13 +51,17 @@ class EmbeddedAssessments(Assessments):
     backend = MemoryCache.backend
 
     def __init__(self, settings: config.Config, *, prober: DomainProber | None = None,
-                 make_prober: Callable[[], DomainProber] | None = None,
+                 make_prober: Callable[[PolicyCache], DomainProber] | None = None,
                  cache: MemoryCache | None = None, state_dir: str = "") -> None:
         self.memory = cache or MemoryCache(settings.cache)
         super().__init__(self.memory, settings.cache)
         self.settings = settings
         self._prober = prober
-        self._make_prober = make_prober or (lambda: Prober(settings.prober))
+        self._make_prober = make_prober or (
+            lambda sts: Prober(settings.prober, sts_cache=sts))
+        # RFC 8461's policy cache, saved with the snapshot: a restart must not forget it.
+        self.sts_policies = MemoryPolicyCache()
+        self._saved_policies = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="tlsmilter-engine", daemon=True)
         self._pending: dict[str, concurrent.futures.Future[dict[str, Any]]] = {}
@@ -88,6 +96,11 @@ class EmbeddedAssessments(Assessments):
         records = state.load()
         added = self.memory.restore(records)
         self._saved_changes = self.memory.changes  # nothing new to save yet
+        policies = self.sts_policies.restore(
+            load_policies(state.path.with_name(STS_FILE_NAME)), time.time())
+        self._saved_policies = self.sts_policies.changes
+        if policies:
+            log.info("cache: %d MTA-STS policies loaded", policies)
         if records:
             log.info("cache: %d assessments loaded from %s in %.2f s (%d expired or "
                      "superseded, dropped)", added, state.path, time.perf_counter() - started,
@@ -100,8 +113,14 @@ class EmbeddedAssessments(Assessments):
 
     def save(self) -> None:
         """Write the snapshot now, if there is a state directory and the cache changed."""
+        if self._state is None:
+            return
+        policy_changes = self.sts_policies.changes
+        if policy_changes != self._saved_policies and save_policies(
+                self._state.path.with_name(STS_FILE_NAME), self.sts_policies.items()):
+            self._saved_policies = policy_changes
         changes = self.memory.changes
-        if self._state is None or changes == self._saved_changes:
+        if changes == self._saved_changes:
             return
         started = time.perf_counter()
         records = self.memory.export()
@@ -112,7 +131,7 @@ class EmbeddedAssessments(Assessments):
 
     async def _build_prober(self) -> None:
         if self._prober is None:
-            self._prober = self._make_prober()
+            self._prober = self._make_prober(self.sts_policies)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
