@@ -157,6 +157,44 @@ def test_proof_selects_by_queue_id_and_sender_and_prints_csv(
     assert {row["tls"] for row in rows} == {"Verified", "Trusted", "Untrusted"}
 
 
+def test_a_deferral_and_the_retry_that_delivers_are_one_record(
+        lab: Lab, stack: tuple[LabPostfix, Milter], delivered: dict[str, list[Received]]) -> None:
+    # tlsmilter restarts between acceptance and delivery: the policy server cannot vouch for
+    # the domain (TEMP), Postfix defers; the lookup had it assessed again, the retry delivers.
+    postfix, milter = stack
+    postfix.postconf(defer_transports=TRANSPORT["verified"])
+    try:
+        send(postfix, message("retry@dnssec-ca.test", "deferred once", PRIVATE))
+        milter.serve.stop()
+        milter.serve.start()
+        postfix.postconf(defer_transports="")
+        wait_maillog(postfix, r"to=<retry@dnssec-ca\.test>.*status=deferred", poke=postfix.flush)
+        log = wait_maillog(postfix, r"to=<retry@dnssec-ca\.test>.*status=sent",
+                           poke=postfix.flush)
+    finally:
+        postfix.postconf(defer_transports="")
+    (qid,) = re.findall(r" (\w+): to=<retry@dnssec-ca\.test>.*status=sent", log)
+    done = proof("--json", "--queue-id", qid, *logs(postfix, milter))
+    assert done.returncode == 0, done.stdout + done.stderr
+    ((rcpt,),) = [r["recipients"] for r in records(done.stdout)]
+    assert (rcpt["status"], rcpt["tls"], rcpt["policy"]) == ("sent", "Verified", "verify")
+    assert rcpt["attempts"] >= 2
+    # What the deferral looked like, as docs/postfix.md and docs/proof.md quote it.
+    assert re.search(r"tlsmilter-verified/smtp\[\d+\]: warning: socketmap:unix:tlsmilter/"
+                     r"policy\.sock:tlspolicy-verified socketmap server temporary error: "
+                     r"tlsmilter cannot vouch for dnssec-ca\.test: not assessed \(again\) yet",
+                     log), log[-3000:]
+    assert re.search(r"warning: TLS policy lookup for dnssec-ca\.test/mx1\.dnssec-ca\.test: "
+                     r"client TLS configuration problem", log)
+    assert re.search(rf"{qid}: to=<retry@dnssec-ca\.test>, .*status=deferred \(client TLS "
+                     r"configuration problem\)", log)
+    assert "policy answer map=tlspolicy-verified domain=dnssec-ca.test answer=temp " \
+           "reason=tlsmilter cannot vouch for dnssec-ca.test: not assessed (again) yet" \
+           in milter.serve.text()
+    Path("/tmp/proof-maillog.txt").write_text(log)
+    Path("/tmp/proof-tlsmilter.txt").write_text(milter.serve.text())
+
+
 def test_a_misrouted_sensitive_message_is_flagged_and_fails_the_proof(
         lab: Lab, stack: tuple[LabPostfix, Milter], delivered: dict[str, list[Received]]) -> None:
     # The postmaster forgot milter_header_checks: accepted sensitive mail leaves through the

@@ -335,7 +335,8 @@ def render(message: Message) -> str:
         out.append(f"  {r['recipient']}: assessed={r['assessed'] or '-'} "
                    f"via={r['transport']} policy={r['policy'] or '-'} "
                    f"relay={r['relay']}[{r['relay_ip'] or ''}] tls={tls} "
-                   f"{r['status']} {r['status_time'] or '-'}")
+                   f"{r['status']} {r['status_time'] or '-'}"
+                   + (f" ({r['attempts']} attempts)" if r["attempts"] > 1 else ""))
         out.extend(f"    !!! {problem}" for problem in r["problems"])
         out.extend(f"    warning: {warning}" for warning in r["warnings"])
     if not data["recipients"]:
