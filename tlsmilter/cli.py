@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tlsmilter import __version__, config
 from tlsmilter.errors import ConfigError, TlsmilterError, UsageError
+
+if TYPE_CHECKING:
+    from tlsmilter.assess.mtasts import PolicyCache
 
 # Exit codes, documented in the README (Commands).
 EXIT_OK = 0
@@ -46,7 +53,8 @@ def _check(args: argparse.Namespace) -> int:
     from tlsmilter.assess.prober import Prober
     from tlsmilter.core.domains import normalize_domain
 
-    settings = config.load_optional(args.config).prober
+    loaded = config.load_optional(args.config)
+    settings = loaded.prober
     overrides: dict[str, object] = {}
     if args.resolver is not None:
         problem = config.check_resolver(args.resolver)
@@ -65,7 +73,8 @@ def _check(args: argparse.Namespace) -> int:
     domains = [normalize_domain(d) for d in args.domains]
 
     async def run() -> list[Assessment]:
-        return await Prober(settings).assess_many(domains)
+        async with _deployed_sts_cache(loaded) as sts_cache:
+            return await Prober(settings, sts_cache=sts_cache).assess_many(domains)
 
     results = asyncio.run(run())
     for assessment in results:
@@ -79,6 +88,35 @@ def _check(args: argparse.Namespace) -> int:
     if "unknown" in levels:
         return EXIT_CHECK_UNKNOWN
     return EXIT_OK
+
+
+@contextlib.asynccontextmanager
+async def _deployed_sts_cache(settings: config.Config) -> AsyncIterator[PolicyCache | None]:
+    """The MTA-STS policy cache the deployment keeps (RFC 8461 3.3), so ``check`` sees what
+    ``serve`` or the workers would: Redis's, or the one ``serve`` saves in ``cache.state_dir``
+    (read, never written: a policy fetched now is not saved). None when there is neither."""
+    from tlsmilter.assess.mtasts import MemoryPolicyCache
+
+    if settings.cache.backend is config.CacheBackend.REDIS:
+        from tlsmilter.store.redis.connection import connect_async
+        from tlsmilter.store.redis.records import Keys
+        from tlsmilter.store.redis.stspolicies import RedisPolicyCache
+
+        client = connect_async(settings.redis)
+        try:
+            yield RedisPolicyCache(client, Keys(settings.redis.prefix))
+        finally:
+            await client.aclose()
+        return
+    if not settings.cache.state_dir:
+        yield None
+        return
+    from tlsmilter.store.stsfile import FILE_NAME, load_policies
+
+    cache = MemoryPolicyCache()
+    cache.restore(load_policies(Path(settings.cache.state_dir) / FILE_NAME, set_aside=False),
+                  time.time())
+    yield cache
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -39,6 +39,9 @@ def render(assessment: Assessment) -> str:
     for reason in _ordered(a.reasons):
         where = f" [{reason.host}]" if reason.host else ""
         lines.append(f"  {_MARK[reason.severity]} {reason.text}{where}")
+    if a.mta_sts and a.mta_sts.outcome == "cached":
+        # RFC 8461 3.3: the policy fetched before still applies; say which, how old, and why.
+        lines.append(f"    MTA-STS: {a.mta_sts.detail}")
     codes = dict.fromkeys(r.code.value for r in a.reasons if r.severity is not Severity.GOOD)
     if a.mta_sts and a.mta_sts.mode == "enforce" and "mx_insecure" in codes:
         # Already authenticated by MTA-STS: DNSSEC is the step towards DANE, not an alternative.

@@ -35,8 +35,9 @@ def save_policies(path: Path, items: list[tuple[str, CachedPolicy]]) -> bool:
     return True
 
 
-def load_policies(path: Path) -> list[tuple[str, CachedPolicy]]:
-    """The saved policies; none when there is no file. An unusable file is set aside."""
+def load_policies(path: Path, *, set_aside: bool = True) -> list[tuple[str, CachedPolicy]]:
+    """The saved policies; none when there is no file. An unusable file is set aside (with
+    ``set_aside``; a reader that does not own the file, ``tlsmilter check``, leaves it)."""
     try:
         data = json.loads(path.read_bytes())
         if not isinstance(data, dict) or data.get("version") != VERSION:
@@ -47,6 +48,9 @@ def load_policies(path: Path) -> list[tuple[str, CachedPolicy]]:
     except FileNotFoundError:
         return []
     except (OSError, ValueError, KeyError) as exc:
+        if not set_aside:
+            log.debug("MTA-STS policy cache %s not read: %s", path, exc)
+            return []
         aside = path.with_name(path.name + ".corrupt")
         try:
             path.replace(aside)
