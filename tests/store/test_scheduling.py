@@ -143,18 +143,24 @@ def test_a_5000_domain_flood_does_not_delay_a_sensitive_verdict(
 def test_warm_up_budgets_per_message_and_per_client() -> None:
     clock = [0.0]
     budget = WarmupBudget(per_message=3, per_client=5, window=60.0, clock=lambda: clock[0])
-    assert [budget.allow("192.0.2.1", used) for used in range(4)] == [None, None, None,
+    assert [budget.spent("192.0.2.1", used) for used in range(4)] == [None, None, None,
                                                                       "message"]
-    assert [budget.allow("192.0.2.1", 0) for _ in range(3)] == [None, None, "client"]
-    assert budget.allow("192.0.2.2", 0) is None  # another client has its own budget
+    for _ in range(5):
+        budget.charge("192.0.2.1")
+    assert budget.spent("192.0.2.1", 0) == "client"
+    assert budget.spent("192.0.2.2", 0) is None  # another client has its own budget
     clock[0] = 60.0  # a new window
-    assert budget.allow("192.0.2.1", 0) is None
+    assert budget.spent("192.0.2.1", 0) is None
+    budget.charge("192.0.2.1")
+    assert budget._clients["192.0.2.1"] == (60.0, 1)
 
 
 def test_the_client_table_is_bounded() -> None:
     budget = WarmupBudget(per_message=10, per_client=1, window=60.0, clock=lambda: 0.0)
     budget.MAX_CLIENTS = 100
     for i in range(1000):
-        assert budget.allow(f"client{i}", 0) is None
+        assert budget.spent(f"client{i}", 0) is None
+        budget.charge(f"client{i}")
     assert len(budget._clients) == 100
-    assert budget.allow("client999", 0) == "client"  # the newest are remembered
+    assert budget.spent("client999", 0) == "client"  # the newest are remembered
+    assert budget.spent("client0", 0) is None  # the oldest forgotten

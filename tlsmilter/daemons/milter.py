@@ -257,22 +257,23 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         return seen
 
     def _warm_up(self, domain: str) -> Future[tuple[State, Entry | None]]:
-        """``prefetch``, if the domain is cached or the budgets allow a probe; else only
-        the cache read (a sensitive message has it probed at end-of-message)."""
+        """``prefetch`` while the budgets allow, charging them when it may have started a
+        probe; past them only the cache read (a sensitive message has the domain probed at
+        end-of-message)."""
         assert self.budget is not None
-        lookup: Future[tuple[State, Entry | None]] = Future()
-        state, entry = self.assessments.get(domain)  # the embedded cache: in memory
-        if state is State.HIT:
-            lookup.set_result((state, entry))
-            return lookup
         client = self.getsymval("{client_addr}") or "-"
-        spent = self.budget.allow(client, self.msg.warmups)
+        spent = self.budget.spent(client, self.msg.warmups)
         if spent is None:
-            self.msg.warmups += 1
-            return self.assessments.prefetch(domain)
+            lookup = self.assessments.prefetch(domain)
+            if not lookup.done() or lookup.exception() is not None \
+                    or lookup.result()[0] is not State.HIT:
+                self.msg.warmups += 1
+                self.budget.charge(client)
+            return lookup
         metrics.WARMUP_DROPPED.labels(reason=spent).inc()
-        lookup.set_result((state, entry))
-        return lookup
+        read: Future[tuple[State, Entry | None]] = Future()
+        read.set_result(self.assessments.get(domain))  # the embedded cache: in memory
+        return read
 
     def _invalid(self, name: str, why: str) -> RecipientLevel:
         """A recipient that cannot be assessed: ``none`` for sensitive mail, with ``why``."""

@@ -147,7 +147,7 @@ class Overload:
         self.count = 0
 
 
-WARMUP_BUDGETS = ("message", "client")  # what ``WarmupBudget.allow`` says is spent
+WARMUP_BUDGETS = ("message", "client")  # what ``WarmupBudget.spent`` says is spent
 
 
 class WarmupBudget:
@@ -170,19 +170,22 @@ class WarmupBudget:
         self._clients: dict[str, tuple[float, int]] = {}  # client -> (window start, count)
         self._lock = threading.Lock()
 
-    def allow(self, client: str, used_by_message: int) -> str | None:
-        """None if one more warm-up probe may start, else which budget is spent."""
+    def spent(self, client: str, used_by_message: int) -> str | None:
+        """Which budget is spent (``message`` or ``client``), or None: one more may start."""
         if used_by_message >= self.per_message:
             return "message"
+        now = self._clock()
+        with self._lock:
+            since, count = self._clients.get(client, (now, 0))
+        return "client" if now - since < self.window and count >= self.per_client else None
+
+    def charge(self, client: str) -> None:
+        """Count one warm-up probe ``client`` started."""
         now = self._clock()
         with self._lock:
             since, count = self._clients.pop(client, (now, 0))
             if now - since >= self.window:
                 since, count = now, 0
-            if count >= self.per_client:
-                self._clients[client] = (since, count)
-                return "client"
             self._clients[client] = (since, count + 1)  # re-inserted: newest last
             while len(self._clients) > self.MAX_CLIENTS:
                 del self._clients[next(iter(self._clients))]
-        return None
