@@ -416,7 +416,7 @@ def write(messages: Iterable[Message], args: argparse.Namespace, out: TextIO) ->
             out.write(render(message) + "\n\n")
     if not args.json and writer is None:
         verdict = "VIOLATIONS FOUND" if any_flagged else "no violation"
-        out.write(f"{count} sensitive messages: {verdict}\n")
+        out.write(f"{count} sensitive message{'' if count == 1 else 's'}: {verdict}\n")
     if any_flagged:
         print("tlsmilter proof: sensitive mail left below its level (records marked !!!)",
               file=sys.stderr)
