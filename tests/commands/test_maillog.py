@@ -185,10 +185,11 @@ def test_time_stamps(stamp: str, expected: datetime | None) -> None:
 
 def test_lines_of_postfix_3_10() -> None:
     # OpenSSL 3.5 names the group in lower case; a refusal adds "removed (canceled)".
-    line = maillog.split(pf(V, 10, TLS.format(trust="Verified", how="established", relay=MX_B)
-                            .replace("X25519", "x25519")))
-    assert line is not None and maillog.parse_tls(line.text) == maillog.Tls(
-        "Verified", MX_B, "TLSv1.3", "TLS_AES_256_GCM_SHA384")
+    text = TLS.format(trust="Verified", how="established", relay=MX_B).replace("X25519",
+                                                                                "x25519")
+    assert maillog.parse_tls(text) == maillog.Tls("Verified", MX_B, "TLSv1.3",
+                                                  "TLS_AES_256_GCM_SHA384")
+    assert maillog.tls_relay(text) == MX_B
     found = judged([decision("AAAAA1", extra=""), pf("cleanup", 3, "AAAAA1: removed (canceled)")])
     assert found["AAAAA1"].recipients == {}
 
@@ -197,14 +198,17 @@ def test_journal_lines_and_the_syslog_service_name() -> None:
     text = ("2026-12-02T06:10:24+0000 mail postfix/tlsmilter-dane/smtp[3883]: "
             "3ADD52301EB: to=<u2@dane-ee.test>, relay=mx1.dane-ee.test[127.238.10.15]:25, "
             "delay=0.18, delays=0.07/0.03/0.06/0.03, dsn=2.0.0, status=sent (250 2.0.0 Ok)")
-    line = maillog.split(text)
-    assert line is not None and (line.service, line.pid, line.host) == (
-        "tlsmilter-dane", "3883", "mail")
-    qid, rest = maillog.queue_id(line.text) or ("", "")
+    end = text.find("]: ")
+    key = maillog.process_key(text, end)
+    assert (key, maillog.service(key), maillog.stamp(text, end)) == (
+        "mail postfix/tlsmilter-dane/smtp[3883", "tlsmilter-dane", "2026-12-02T06:10:24+0000")
+    assert maillog.service("mail postfix/smtp[1") == "smtp"
+    qid, rest = maillog.queue_id(text[end + 3:]) or ("", "")
     delivery = maillog.parse_delivery(rest)
     assert qid == "3ADD52301EB" and delivery is not None
     assert (delivery.relay_host, delivery.relay_ip, delivery.status) == (
         "mx1.dane-ee.test", "127.238.10.15", "sent")
+    assert maillog.delivery_relay(rest) == "mx1.dane-ee.test[127.238.10.15]:25"
 
 
 def test_rotated_logs_are_read_oldest_first_gz_included(tmp_path: Path) -> None:

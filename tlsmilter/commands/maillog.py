@@ -45,42 +45,6 @@ _DELIVERY = re.compile(r"to=<([^>]*)>, (?:orig_to=<[^>]*>, )?relay=([^,]+), (?:c
 _RELAY = re.compile(r"^(.*)\[([^\]]*)\](?::(\d+))?$")
 
 
-@dataclass(frozen=True)
-class Line:
-    """One syslog line split into its parts; ``stamp`` is parsed only when asked."""
-
-    stamp: str
-    host: str
-    program: str  # e.g. postfix/tlsmilter-dane/smtp
-    pid: str
-    text: str
-
-    @property
-    def service(self) -> str:
-        """The master.cf service that logged: ``tlsmilter-dane`` for ``postfix/tlsmilter-dane/
-        smtp`` (its syslog_name), else the program's own name (``smtp``, ``cleanup``)."""
-        parts = self.program.split("/")
-        return parts[-2] if len(parts) >= 3 else parts[-1]
-
-
-def split(line: str) -> Line | None:
-    """A syslog line's parts, or None for a line of another shape (tlsmilter's own lines
-    without a syslog prefix, say)."""
-    end = line.find("]: ")
-    if end < 0:
-        return None
-    head = line[:end]
-    bracket = head.rfind("[")
-    space = head.rfind(" ", 0, bracket)
-    if bracket < 0 or space < 0:
-        return None
-    stamp, _, host = head[:space].rpartition(" ")
-    if not stamp:
-        return None
-    return Line(stamp, host, head[space + 1:bracket], head[bracket + 1:],
-                line[end + 3:].rstrip("\r\n"))
-
-
 def parse_time(stamp: str, now: datetime | None = None) -> datetime | None:
     """``stamp`` as an aware datetime, or None. Syslog stamps have no year and no zone: the
     local zone, and the year that puts the time no more than a day in the future."""
@@ -167,23 +131,56 @@ def address(rest: str, field: str) -> str | None:
     return rest[start:end] if end >= 0 else None
 
 
+def process_key(text: str, end: int) -> str:
+    """``host program[PID`` of a syslog line whose ``]: `` is at ``end``: one process."""
+    program = text.rfind(" ", 0, end)
+    return text[text.rfind(" ", 0, program) + 1:end]
+
+
+def service(key: str) -> str:
+    """The master.cf service of a ``process_key``: ``tlsmilter-dane`` for ``postfix/
+    tlsmilter-dane/smtp`` (its syslog_name), else the program's own name (``smtp``)."""
+    parts = key[key.find(" ") + 1:key.rfind("[")].split("/")
+    return parts[-2] if len(parts) >= 3 else parts[-1]
+
+
+def stamp(text: str, end: int) -> str:
+    """The time stamp of a syslog line whose ``]: `` is at ``end``."""
+    program = text.rfind(" ", 0, end)
+    return text[:text.rfind(" ", 0, program)].rstrip()
+
+
+def delivery_relay(tail: str) -> str:
+    """The ``relay=`` value of a ``to=<...>, relay=..., ...`` text."""
+    start = tail.find(", relay=")
+    if start < 0:
+        return ""
+    start += len(", relay=")
+    stop = tail.find(", ", start)
+    return tail[start:stop] if stop >= 0 else tail[start:]
+
+
+def tls_relay(text: str) -> str:
+    """The ``host[ip]:port`` of a TLS line."""
+    start = text.find(" to ")
+    stop = text.find(": ", start)
+    return text[start + 4:stop] if start >= 0 and stop >= 0 else ""
+
+
 class TlsJoin:
-    """Gives each delivery line the TLS of its connection (see the module docstring)."""
+    """Gives each delivery line the TLS line of its connection (see the module docstring)."""
 
     def __init__(self) -> None:
-        # (host, PID) -> the process's last TLS line, and the queue ID that used it
-        self._last: dict[tuple[str, str], tuple[Tls, str | None]] = {}
+        # process_key -> [the process's last TLS line, its relay, the queue ID that used it]
+        self._last: dict[str, list[str]] = {}
 
-    def connected(self, line: Line, tls: Tls) -> None:
-        self._last[(line.host, line.pid)] = (tls, None)
+    def connected(self, key: str, text: str) -> None:
+        self._last[key] = [text, tls_relay(text), ""]
 
-    def delivered(self, line: Line, qid: str, delivery: Delivery) -> Tls | None:
-        key = (line.host, line.pid)
+    def delivered(self, key: str, qid: str, relay: str) -> str:
+        """The TLS line ``qid``'s delivery to ``relay`` by process ``key`` used, or ""."""
         last = self._last.get(key)
-        if last is None:
-            return None
-        tls, used_by = last
-        if tls.relay != delivery.relay or used_by not in (None, qid):
-            return None
-        self._last[key] = (tls, qid)
-        return tls
+        if last is None or last[1] != relay or last[2] not in ("", qid):
+            return ""
+        last[2] = qid
+        return last[0]

@@ -71,14 +71,19 @@ class Recipient:
 
 @dataclass
 class Message:
-    """What the logs say about one queue ID."""
+    """What the logs say about one queue ID. Reading keeps raw text (``stamp``, ``decision_
+    stamp``, ``deliveries``); ``resolve`` parses it, for the messages that become records."""
 
     queue_id: str
-    time: datetime | None = None
+    stamp: str = ""  # of Postfix's first line with the message's Message-ID or sender
     message_id: str = ""
     sender: str | None = None
     route: str = ""  # the transport milter_header_checks sent it to
     decision: decisionlog.Decision | None = None
+    decision_stamp: str = ""
+    # (service, stamp, "to=<...>, relay=..." text, the TLS line of its connection or "")
+    deliveries: list[tuple[str, str, str, str]] = field(default_factory=list)
+    time: datetime | None = None
     decision_time: datetime | None = None
     recipients: dict[str, Recipient] = field(default_factory=dict)
 
@@ -91,7 +96,11 @@ class Answer:
 
 
 class Evidence:
-    """Everything read so far, joined by queue ID (messages) and domain (policy answers)."""
+    """Everything read so far, joined by queue ID (messages) and domain (policy answers).
+
+    ``add`` sees every line of a large log, so it does the least it can: it drops a line by
+    its first words, keeps the rest as text, and leaves parsing to ``resolve``.
+    """
 
     def __init__(self) -> None:
         self.messages: dict[str, Message] = {}
@@ -106,80 +115,86 @@ class Evidence:
         return found
 
     def _time(self, stamp: str) -> datetime | None:
-        return maillog.parse_time(stamp, self._now)
+        return maillog.parse_time(stamp, self._now) if stamp else None
 
     def feed(self, lines: Iterable[str]) -> None:
+        add = self.add
         for text in lines:
-            self.add(text)
+            add(text)
 
     def add(self, text: str) -> None:
+        end = text.find("]: ")
+        if end < 0:  # tlsmilter's own lines, as a file without syslog prefixes
+            self._add_tlsmilter(text, "")
+            return
+        rest = text[end + 3:]
+        colon = rest.find(": ")
+        if 5 <= colon <= 20 and rest[:colon].isalnum():
+            tail = rest[colon + 2:]
+            first = tail[:4]
+            if first in ("to=<", "mess", "from", "milt"):
+                self._add_postfix(text, end, rest[:colon], tail)
+            return
+        if rest.startswith(maillog.TRUST):
+            if " TLS connection " in rest:
+                self._tls.connected(maillog.process_key(text, end), rest)
+            return
+        if "postfix" not in text[:end]:
+            self._add_tlsmilter(text, maillog.stamp(text, end))
+
+    def _add_postfix(self, text: str, end: int, qid: str, tail: str) -> None:
+        if tail.startswith("to=<"):
+            relay = maillog.delivery_relay(tail)
+            key = maillog.process_key(text, end)
+            tls = self._tls.delivered(key, qid, relay)
+            self._message(qid).deliveries.append(
+                (maillog.service(key), maillog.stamp(text, end), tail, tls))
+        elif tail.startswith("message-id="):
+            message = self._message(qid)
+            message.message_id = maillog.address(tail, "message-id") or ""
+            message.stamp = message.stamp or maillog.stamp(text, end)
+        elif tail.startswith("from=<"):
+            message = self._message(qid)
+            message.sender = maillog.address(tail, "from")
+            message.stamp = message.stamp or maillog.stamp(text, end)
+        elif tail.startswith("milter-header-filter: ") and "X-TLSMilter-Route:" in tail:
+            self._message(qid).route = tail.rstrip().rstrip(":").rpartition(" ")[2]
+        elif tail.startswith("milter-reject: "):
+            message = self._message(qid)
+            message.sender = maillog.address(tail, "from")
+            message.stamp = message.stamp or maillog.stamp(text, end)
+
+    def _add_tlsmilter(self, text: str, stamp: str) -> None:
         if decisionlog.MARK in text:
-            self._add_decision(text)
-            return
-        if policylog.MARK in text:
-            self._add_answer(text)
-            return
-        line = maillog.split(text)
-        if line is None or "/" not in line.program:
-            return
-        found = maillog.queue_id(line.text)
-        if found is None:
-            if "TLS connection " in line.text:
-                tls = maillog.parse_tls(line.text)
-                if tls is not None:
-                    self._tls.connected(line, tls)
-            return
-        qid, rest = found
-        if rest.startswith("to=<"):
-            self._add_delivery(line, qid, rest)
-        elif rest.startswith("message-id="):
-            message = self._message(qid)
-            message.message_id = maillog.address(rest, "message-id") or ""
-            message.time = message.time or self._time(line.stamp)
-        elif rest.startswith("from=<"):
-            message = self._message(qid)
-            message.sender = maillog.address(rest, "from")
-            message.time = message.time or self._time(line.stamp)
-        elif rest.startswith("milter-header-filter: ") and "X-TLSMilter-Route:" in rest:
-            self._message(qid).route = rest.rstrip(":").rpartition(" ")[2].rstrip(":")
-        elif rest.startswith("milter-reject: "):
-            message = self._message(qid)
-            message.sender = maillog.address(rest, "from")
-            message.time = message.time or self._time(line.stamp)
+            decision = decisionlog.parse(text)
+            if decision is not None:
+                message = self._message(decision.queue_id)
+                message.decision, message.decision_stamp = decision, stamp
+        elif policylog.MARK in text:
+            answer = policylog.parse(text)
+            if answer is not None:
+                self.answers.setdefault(answer.domain, []).append(
+                    Answer(answer.map_name, answer.answer, self._time(stamp)))
 
-    def _add_decision(self, text: str) -> None:
-        decision = decisionlog.parse(text)
-        if decision is None:
-            return
-        message = self._message(decision.queue_id)
-        message.decision = decision
-        line = maillog.split(text)
-        if line is not None:
-            message.decision_time = self._time(line.stamp)
-
-    def _add_answer(self, text: str) -> None:
-        answer = policylog.parse(text)
-        if answer is None:
-            return
-        line = maillog.split(text)
-        self.answers.setdefault(answer.domain, []).append(
-            Answer(answer.map_name, answer.answer, self._time(line.stamp) if line else None))
-
-    def _add_delivery(self, line: maillog.Line, qid: str, rest: str) -> None:
-        delivery = maillog.parse_delivery(rest)
-        if delivery is None:
-            return
-        tls = self._tls.delivered(line, qid, delivery)
-        message = self._message(qid)
-        earlier = message.recipients.get(delivery.recipient)
-        message.recipients[delivery.recipient] = Recipient(
-            recipient=delivery.recipient,
-            domain=delivery.recipient.rpartition("@")[2].lower(),
-            transport=line.service, relay=delivery.relay_host, relay_ip=delivery.relay_ip,
-            status=delivery.status, time=self._time(line.stamp), reply=delivery.reply,
-            attempts=earlier.attempts + 1 if earlier else 1,
-            tls=tls.trust if tls else "none", tls_version=tls.protocol if tls else "",
-            cipher=tls.cipher if tls else "")
+    def resolve(self, message: Message) -> None:
+        """Parse what reading kept of ``message``: its times and its recipients."""
+        message.time = self._time(message.stamp)
+        message.decision_time = self._time(message.decision_stamp)
+        message.recipients = {}
+        for service, stamp, tail, tls_text in message.deliveries:
+            delivery = maillog.parse_delivery(tail)
+            if delivery is None:
+                continue
+            tls = maillog.parse_tls(tls_text) if tls_text else None
+            earlier = message.recipients.get(delivery.recipient)
+            message.recipients[delivery.recipient] = Recipient(
+                recipient=delivery.recipient,
+                domain=delivery.recipient.rpartition("@")[2].lower(),
+                transport=service, relay=delivery.relay_host, relay_ip=delivery.relay_ip,
+                status=delivery.status, time=self._time(stamp), reply=delivery.reply,
+                attempts=earlier.attempts + 1 if earlier else 1,
+                tls=tls.trust if tls else "none", tls_version=tls.protocol if tls else "",
+                cipher=tls.cipher if tls else "")
 
     def policy(self, recipient: Recipient) -> str:
         """The answer the transport's map gave for the domain last before the delivery."""
@@ -261,7 +276,10 @@ def record_time(message: Message) -> datetime | None:
 
 def records(evidence: Evidence, selection: Selection) -> Iterator[Message]:
     """The sensitive messages (those with a decision line) selected, in time order."""
-    chosen = [m for m in evidence.messages.values() if m.decision and selection.wants(m)]
+    sensitive = [m for m in evidence.messages.values() if m.decision]
+    for message in sensitive:
+        evidence.resolve(message)
+    chosen = [m for m in sensitive if selection.wants(m)]
     # In time order; a message with no time stamp at all (decision lines read without a
     # syslog prefix, no Postfix line) last; otherwise in the order the logs named them.
     chosen.sort(key=lambda m: (when.timestamp() if (when := record_time(m)) else float("inf")))
