@@ -37,3 +37,25 @@ def test_a_short_list_is_whole_and_in_order() -> None:
     statuses = [DomainStatus("b.test", Level.DANE), DomainStatus("a.test", Level.NONE)]
     line = format_decision("4Q1", "private", statuses, decide(STRICT, statuses), {})
     assert "domains=b.test:dane,a.test:none failing=a.test" in line and "omitted" not in line
+
+
+def test_the_trigger_is_written_and_read_back() -> None:
+    statuses = [DomainStatus("a.test", Level.NONE)]
+    for trigger in ("header", "label", "subject", "sender"):
+        line = format_decision("4Q1", "k", statuses, decide(STRICT, statuses), {}, trigger)
+        decision = parse(line)
+        assert decision is not None and decision.trigger == trigger, line
+        assert decision.sensitivity == "k" and decision.policy == "private"
+        fail_safe = parse(format_fail_safe("4Q2", "private", trigger))
+        assert fail_safe is not None and fail_safe.trigger == trigger
+        assert fail_safe.internal_error
+
+
+def test_a_line_from_before_triggers_still_parses() -> None:
+    old = ("Dec  1 10:00:00 mx tlsmilter[1]: decision queue_id=4Q1 sensitivity=private "
+           "policy=private require=verified verdict=reject domains=a.test:none "
+           "failing=a.test reasons=a.test:no_starttls")
+    decision = parse(old)
+    assert decision is not None
+    assert (decision.trigger, decision.verdict, decision.failing) == ("", "reject", ("a.test",))
+    assert decision.reasons == {"a.test": "no_starttls"}

@@ -4,9 +4,12 @@ The milter logs it (``format_decision``, ``format_fail_safe``); ``tlsmilter repo
 tests read it back (``parse``). docs/metrics.md, "The decision log line", documents the
 fields::
 
-    decision queue_id=4XyZ1 sensitivity=private policy=private require=verified
-    verdict=reject domains=a.example:none,b.example:verified failing=a.example
-    reasons=a.example:no_starttls
+    decision queue_id=4XyZ1 sensitivity=private trigger=header policy=private
+    require=verified verdict=reject domains=a.example:none,b.example:verified
+    failing=a.example reasons=a.example:no_starttls
+
+``trigger=`` (header, label, subject or sender) says what made the message sensitive; lines
+written before it existed have none, and parse with an empty ``trigger``.
 
 Every value a sender controls (the sensitivity header's value, recipient domains) is made
 printable ASCII without spaces and capped at 256 characters, so a line always splits back
@@ -39,8 +42,10 @@ def printable(text: str, limit: int = MAX_LOG_VALUE) -> str:
 
 
 def format_decision(queue_id: str, sensitivity: str, statuses: Sequence[DomainStatus],
-                    verdict: Verdict, reason_codes: Mapping[str, str]) -> str:
-    """The line for a decided message; ``reason_codes`` maps failing domains to codes.
+                    verdict: Verdict, reason_codes: Mapping[str, str],
+                    trigger: str = "") -> str:
+    """The line for a decided message; ``reason_codes`` maps failing domains to codes,
+    ``trigger`` names what made it sensitive (``core.sensitivity.Trigger``).
 
     Each list names at most ``MAX_LOGGED_DOMAINS`` domains (the failing ones first in
     ``domains=``); ``omitted=`` then says how many recipient domains went unnamed.
@@ -59,16 +64,20 @@ def format_decision(queue_id: str, sensitivity: str, statuses: Sequence[DomainSt
     reasons = ",".join(f"{printable(d.domain)}:{reason_codes.get(d.domain, UNKNOWN)}"
                        for d in shown_failing) or "-"
     omitted = f" omitted={len(statuses) - len(shown)}" if len(statuses) > len(shown) else ""
-    return (f"{MARK}{queue_id} sensitivity={printable(sensitivity)} "
+    return (f"{MARK}{queue_id} sensitivity={printable(sensitivity)}{_trigger(trigger)} "
             f"policy={verdict.policy.name} require={verdict.policy.require.value} "
             f"verdict={verdict.action.value}{would_be} domains={levels} failing={failing} "
             f"reasons={reasons}{omitted}")
 
 
-def format_fail_safe(queue_id: str, sensitivity: str) -> str:
+def format_fail_safe(queue_id: str, sensitivity: str, trigger: str = "") -> str:
     """The line for a sensitive message tempfailed because tlsmilter itself failed."""
-    return (f"{MARK}{queue_id} sensitivity={printable(sensitivity)} verdict=tempfail "
-            f"reason={INTERNAL_ERROR}")
+    return (f"{MARK}{queue_id} sensitivity={printable(sensitivity)}{_trigger(trigger)} "
+            f"verdict=tempfail reason={INTERNAL_ERROR}")
+
+
+def _trigger(trigger: str) -> str:
+    return f" trigger={printable(trigger, 16)}" if trigger else ""
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,7 @@ class Decision:
     queue_id: str
     verdict: str
     sensitivity: str = ""
+    trigger: str = ""  # header, label, subject or sender; "" on lines from before it
     policy: str = ""
     require: str = ""
     would_be: str = ""
@@ -106,7 +116,8 @@ def parse(line: str) -> Decision | None:
         failing, UNRECORDED)
     return Decision(
         queue_id=fields["queue_id"], verdict=fields["verdict"],
-        sensitivity=fields.get("sensitivity", ""), policy=fields.get("policy", ""),
+        sensitivity=fields.get("sensitivity", ""), trigger=fields.get("trigger", ""),
+        policy=fields.get("policy", ""),
         require=fields.get("require", ""), would_be=fields.get("would_be", ""),
         levels=_pairs(fields.get("domains", "-")), failing=failing, reasons=reasons,
         internal_error=fields.get("reason") == INTERNAL_ERROR,
