@@ -22,6 +22,7 @@ import argparse
 import csv
 import gzip
 import json
+import os
 import re
 import sys
 from collections.abc import Iterable, Iterator
@@ -414,7 +415,13 @@ def run_proof(args: argparse.Namespace) -> int:
         until=parse_when(args.until, "--until") if args.until else None)
     evidence = Evidence()
     evidence.feed(read(list(args.logs), sys.stdin))
-    return write(records(evidence, selection), args, sys.stdout)
+    try:
+        return write(records(evidence, selection), args, sys.stdout)
+    except BrokenPipeError:  # proof | head: the reader stopped reading, so not all was shown
+        # What is still buffered goes nowhere, so the final flush at exit cannot fail
+        # (Python's documented way, "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def write(messages: Iterable[Message], args: argparse.Namespace, out: TextIO) -> int:
