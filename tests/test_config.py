@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,38 @@ def test_every_key_is_documented_with_its_default() -> None:
             shown = [f"`{json.dumps(value)}`"]
         for part in shown:
             assert part in row.group(1), f"{key}: docs do not show the default {part}"
+
+
+@pytest.mark.parametrize(
+    ("sensitivity", "expected"),
+    [
+        ({"labels": {"not-a-guid": "private"}}, "sensitivity.labels.not-a-guid: expected a "
+                                                "label GUID"),
+        ({"labels": {"f42aa342-8706-4288-bd11-ebb85995028c@tenant": "private"}},
+         "or GUID@TENANT-SITEID"),
+        ({"labels": {"f42aa342-8706-4288-bd11-ebb85995028c": "secret"}},
+         "no policy named 'secret'"),
+        ({"labels": {"F42AA342-8706-4288-BD11-EBB85995028C": "private",
+                     "f42aa342-8706-4288-bd11-ebb85995028c": "private"}}, "duplicate of"),
+        ({"label_names": {"Secret": "nope"}}, "sensitivity.label_names.Secret: no policy"),
+        ({"subject_keywords": {"[secure]": "nope"}}, "no policy named 'nope'"),
+        ({"subject_keywords": {" ": "private"}}, "must not be empty"),
+        ({"subject_match": "middle"}, "sensitivity.subject_match: expected one of"),
+        ({"senders": {"a@b@c": "private"}}, "expected an address, a domain"),
+        ({"senders": {"HR.example.org": "private", "hr.example.org.": "personal"}},
+         "duplicate of"),
+        ({"strip_subject_keyword": "yes"}, "expected true or false"),
+    ],
+)
+def test_marking_rules_are_checked(sensitivity: dict[str, object], expected: str) -> None:
+    (issue,) = issues_of({"sensitivity": sensitivity})
+    assert expected in issue
+
+
+def test_the_documented_m365_example_is_valid() -> None:
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    example = doc.split("**Worked example: an M365 tenant's labels.**")[1]
+    toml = example.split("```toml\n")[1].split("```")[0]
+    cfg = config.from_mapping(tomllib.loads(toml))
+    assert cfg.sensitivity.labels["f42aa342-8706-4288-bd11-ebb85995028c"] == "confidential"
+    assert cfg.sensitivity.senders == {"hr.example.org": "personal"}

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tlsmilter.core.labels import is_guid
+from tlsmilter.core.subject import Match as SubjectMatch
 from tlsmilter.core.verdict import MAX_EXTRA_LINES
 from tlsmilter.errors import ConfigError, ConfigIssue
 
@@ -292,6 +294,25 @@ class SensitivitySettings:
     )
     fail_safe_policy: str = _opt("confidential", "Policy for a non-empty value not in "
                                  "`values`: a typo never makes sensitive mail ordinary.")
+    labels: dict[str, str] = _opt(
+        {}, "Microsoft Purview label GUID (`msip_labels:` header), or `GUID@TENANT-SITEID` "
+        "for one tenant's label, to policy name. A label counts unless `Enabled=false`.")
+    label_names: dict[str, str] = _opt(
+        {}, "Purview label display name (case-insensitive) to policy name; GUIDs are the "
+        "reliable key, names can be renamed or translated.")
+    subject_keywords: dict[str, str] = _opt(
+        {}, "Subject keyword (case-insensitive, e.g. `[secure]`) to policy name; the Subject "
+        "is RFC 2047 decoded first.")
+    subject_match: SubjectMatch = _opt(
+        SubjectMatch.START, '`"start"`: a keyword counts at the start of the Subject (after '
+        '`RE:`, `Fwd:`...); `"anywhere"`: anywhere in it.')
+    strip_subject_keyword: bool = _opt(
+        False, "Remove the matched keyword from the Subject of mail that is delivered.")
+    senders: dict[str, str] = _opt(
+        {}, "Sender address, domain, or `.domain` (its subdomains) to the policy its mail "
+        "needs at least, marked or not.")
+    sender_from_header: bool = _opt(
+        False, "Sender rules also read the `From:` header, not only the envelope sender.")
 
 
 class CacheBackend(enum.Enum):
@@ -509,7 +530,42 @@ def _cross_check(config: Config) -> list[ConfigIssue]:
                                   "taken over while it still runs"))
     if not config.sensitivity.headers:
         issues.append(ConfigIssue("sensitivity.headers", "at least one header is needed"))
+    issues.extend(_check_markers(config))
     return issues
+
+
+def _check_markers(config: Config) -> list[ConfigIssue]:
+    """Labels, keywords and sender rules: known policies, valid keys, no duplicates."""
+    sens = config.sensitivity
+    issues = []
+    for table, rules in (("labels", sens.labels), ("label_names", sens.label_names),
+                         ("subject_keywords", sens.subject_keywords), ("senders", sens.senders)):
+        seen: dict[str, str] = {}
+        for key, policy in rules.items():
+            dotted = f"sensitivity.{table}.{key}"
+            if policy not in config.policies:
+                issues.append(ConfigIssue(dotted, f"no policy named {policy!r} (see [policies])"))
+            folded = " ".join(key.split()).lower().rstrip(".")
+            if folded in seen:
+                issues.append(ConfigIssue(dotted, f"duplicate of {seen[folded]!r}"))
+            seen.setdefault(folded, key)
+            problem = _marker_key_problem(table, key)
+            if problem:
+                issues.append(ConfigIssue(dotted, problem))
+    return issues
+
+
+def _marker_key_problem(table: str, key: str) -> str | None:
+    if not key.strip():
+        return "must not be empty"
+    if table == "labels":
+        guid, at, tenant = key.partition("@")
+        if not is_guid(guid) or (at and not is_guid(tenant)):
+            return ("expected a label GUID like 3a1e5f7c-0b2d-4e6f-8a9b-0c1d2e3f4a5b, "
+                    "or GUID@TENANT-SITEID")
+    if table == "senders" and (" " in key.strip() or key.count("@") > 1 or key.endswith("@")):
+        return "expected an address, a domain, or .domain for its subdomains"
+    return None
 
 
 def resolve_path(cli_value: str | None) -> Path:

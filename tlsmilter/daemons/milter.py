@@ -18,12 +18,15 @@ from typing import Any, TypeVar
 import Milter
 
 from tlsmilter import config, labels, metrics
+from tlsmilter.core import senders, subject
 from tlsmilter.core.decisionlog import MAX_QUEUE_ID, format_decision, format_fail_safe, printable
 from tlsmilter.core.domains import InvalidDomain, normalize_domain
+from tlsmilter.core.labels import HEADER as LABELS_HEADER
+from tlsmilter.core.labels import LabelRules
 from tlsmilter.core.levels import UNKNOWN, Level
 from tlsmilter.core.reasons import INVALID_DOMAIN, LEVEL_TOO_LOW, NOT_ASSESSED, first_problem
 from tlsmilter.core.safetext import cap
-from tlsmilter.core.sensitivity import classify_sensitivity
+from tlsmilter.core.sensitivity import Facts, Marking, Rules, classify
 from tlsmilter.core.verdict import (
     Action,
     DomainStatus,
@@ -71,6 +74,18 @@ def policies_from(settings: config.Config) -> dict[str, Policy]:
     }
 
 
+def rules_from(settings: config.Config) -> Rules:
+    """Every configured way of marking mail sensitive, compiled for ``classify``."""
+    sens = settings.sensitivity
+    return Rules(
+        watched=frozenset(h.lower() for h in sens.headers), values=sens.values,
+        fail_safe=sens.fail_safe_policy,
+        labels=LabelRules.build(sens.labels, sens.label_names),
+        keywords=subject.KeywordRules.build(sens.subject_keywords, sens.subject_match),
+        senders=senders.SenderRules.build(sens.senders),
+        strip_keyword=sens.strip_subject_keyword, from_header=sens.sender_from_header)
+
+
 class LiveConfig:
     """The settings and policies new messages use; ``serve`` replaces them on SIGHUP.
 
@@ -97,6 +112,9 @@ class Recipient:
 class MessageState:
     recipients: dict[str, Recipient] = field(default_factory=dict)  # by domain
     headers: list[tuple[str, str]] = field(default_factory=list)  # watched sensitivity headers
+    label_headers: list[str] = field(default_factory=list)  # msip_labels values
+    from_headers: list[str] = field(default_factory=list)  # only if sender rules read From:
+    sender: str = ""  # the envelope sender, bare
     forged: dict[str, int] = field(default_factory=dict)  # internal header -> occurrences
     tls_required_no: list[int] = field(default_factory=list)  # occurrence indexes
     tls_required_count: int = 0
@@ -196,13 +214,16 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
     @_noreply
     @_fail_safe("MAIL FROM", Stage.MAIL)
     def envfrom(self, mailfrom: str, *params: str) -> int:
-        self.msg = MessageState()
+        self.msg = MessageState(sender=senders.envelope_address(mailfrom))
         self.failed = False
         if self.live is not None:  # a reload (SIGHUP) applies from the next message on
             self._configure(*self.live.current)
         return CONTINUE
 
     def _configure(self, settings: config.Config, policies: dict[str, Policy]) -> None:
+        if getattr(self, "settings", None) is not settings:  # compiled once per (re)load
+            self.rules = rules_from(settings)
+            self.label_rules = bool(self.rules.labels.by_guid or self.rules.labels.by_name)
         self.settings = settings
         self.policies = policies
         self.watched = {h.lower() for h in settings.sensitivity.headers}
@@ -298,6 +319,10 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
                 self.msg.tls_required_no.append(self.msg.tls_required_count)
         elif lower == "subject" and self.msg.subject is None:
             self.msg.subject = value
+        elif lower == LABELS_HEADER and self.label_rules:
+            self.msg.label_headers.append(value)
+        elif lower == "from" and self.rules.from_header:
+            self.msg.from_headers.append(value)
         return CONTINUE
 
     def eom(self) -> int:
@@ -312,34 +337,34 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         queue_id = printable(self.getsymval("i") or "-", MAX_QUEUE_ID)
         try:
             self._strip_forged()
-            policy, value = classify_sensitivity(
-                self.msg.headers, watched=self.watched,
-                values=self.settings.sensitivity.values,
-                fail_safe=self.settings.sensitivity.fail_safe_policy, policies=self.policies)
+            marking = classify(self._facts(), self.rules, self.policies)
         except Exception:
             log.exception("queue_id=%s internal error classifying the message", queue_id)
             instrument.fail_safe(FailSafe.CLASSIFY_ERROR)
-            return self._fail(queue_id, labels.UNCLASSIFIED, sensitive=bool(self.msg.headers))
-        if policy is None:
+            return self._fail(queue_id, labels.UNCLASSIFIED, sensitive=bool(
+                self.msg.headers or self.msg.label_headers or self.rules.senders.rules
+                or self.rules.keywords.keywords))
+        if marking is None:
             self._count(labels.NOT_SENSITIVE, Action.ACCEPT)
             return ACCEPT  # not sensitive: untouched and not delayed
+        policy, trigger = marking.policy, marking.trigger.value
         if self.failed:  # counted as a fail-safe activation where it happened
             log.warning("queue_id=%s an earlier callback failed", queue_id)
-            return self._fail(queue_id, policy.name, sensitive=True)
+            return self._fail(queue_id, policy.name, sensitive=True, trigger=trigger)
         try:
             statuses = self._statuses(policy)
             verdict = decide(policy, statuses, monitor=self.settings.milter.monitor,
-                             sensitivity=value)
-            self._log(queue_id, value, statuses, verdict)
-            result = self._apply(verdict, statuses)
+                             sensitivity=marking.value)
+            self._log(queue_id, marking, statuses, verdict)
+            result = self._apply(verdict, statuses, marking)
         except CacheUnavailable as exc:  # expected while Redis is down: no traceback
             log.warning("queue_id=%s %s", queue_id, exc)
             instrument.fail_safe(FailSafe.CACHE_UNAVAILABLE)
-            return self._fail(queue_id, policy.name, sensitive=True)
+            return self._fail(queue_id, policy.name, sensitive=True, trigger=trigger)
         except Exception as exc:
             log.exception("queue_id=%s internal error deciding a sensitive message", queue_id)
             instrument.fail_safe(_fail_safe_reason(exc, FailSafe.DECIDE_ERROR))
-            return self._fail(queue_id, policy.name, sensitive=True)
+            return self._fail(queue_id, policy.name, sensitive=True, trigger=trigger)
         try:  # the verdict is applied: counting it must not change it
             self._count(policy.name, verdict.action)
             for failing in verdict.failing:
@@ -362,11 +387,19 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
     def _count(sensitivity: str, action: Action) -> None:
         metrics.MESSAGES.labels(sensitivity=sensitivity, verdict=action.value).inc()
 
-    def _fail(self, queue_id: str, sensitivity: str, *, sensitive: bool) -> int:
+    def _facts(self) -> Facts:
+        """What classifying the message needs of what the callbacks gathered."""
+        addresses = [self.msg.sender] if self.msg.sender else []
+        if self.rules.from_header and self.msg.from_headers:
+            addresses += senders.header_addresses(self.msg.from_headers)
+        return Facts(self.msg.headers, self.msg.label_headers, self.msg.subject, addresses)
+
+    def _fail(self, queue_id: str, sensitivity: str, *, sensitive: bool,
+              trigger: str = "") -> int:
         if not sensitive:
             self._count(sensitivity, Action.ACCEPT)
             return ACCEPT
-        log.warning("%s", format_fail_safe(queue_id, sensitivity))
+        log.warning("%s", format_fail_safe(queue_id, sensitivity, trigger))
         self._count(sensitivity, Action.TEMPFAIL)
         self.setreply(*FAIL_SAFE_REPLY)
         return TEMPFAIL
@@ -437,13 +470,20 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             return None
         return Level(entry.level)
 
-    def _apply(self, verdict: Verdict, statuses: list[DomainStatus]) -> int:
+    def _apply(self, verdict: Verdict, statuses: list[DomainStatus], marking: Marking) -> int:
         if verdict.action in (Action.REJECT, Action.TEMPFAIL):
             self._setreply(verdict)
             return REJECT if verdict.action is Action.REJECT else Milter.TEMPFAIL
         self.addheader(ASSESSMENT_HEADER,
                        f"policy={verdict.policy.name}; require={verdict.policy.require.value}; "
-                       f"verdict={verdict.action.value}; {_summary(statuses)}")
+                       f"verdict={verdict.action.value}; {_summary(statuses)}; "
+                       f"trigger={marking.trigger.value}")
+        subject_now = self.msg.subject
+        if self.rules.strip_keyword and marking.keywords and subject_now is not None \
+                and len(subject_now) <= subject.MAX_SUBJECT:  # never cut a longer one
+            for keyword in marking.keywords:
+                subject_now = subject.strip(subject.decode(subject_now), keyword)
+            self.chgheader("Subject", 1, subject_now)
         for index in reversed(self.msg.tls_required_no):
             self.chgheader(TLS_REQUIRED, index, "")  # RFC 8689 must not relax TLS for it
         if verdict.action is Action.ACCEPT:
@@ -454,8 +494,8 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         elif verdict.action is Action.TAG:
             self.addheader(TAG_HEADER, tag_text(verdict))
             tag = self.settings.milter.subject_tag
-            if tag and self.msg.subject is not None:
-                self.chgheader("Subject", 1, f"{tag} {self.msg.subject}")
+            if tag and subject_now is not None:
+                self.chgheader("Subject", 1, f"{tag} {subject_now}")
         elif verdict.action is Action.QUARANTINE:
             self.quarantine(cap("; ".join(verdict.reply[1:]), MAX_QUARANTINE_REASON)
                             or "insecure recipient domain")
@@ -474,10 +514,10 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
                         exc, verdict.smtp_code)
             self.setreply(verdict.smtp_code, verdict.enhanced_code, short_reply(verdict))
 
-    def _log(self, queue_id: str, value: str, statuses: list[DomainStatus],
+    def _log(self, queue_id: str, marking: Marking, statuses: list[DomainStatus],
              verdict: Verdict) -> None:
-        log.info("%s", format_decision(queue_id, value, statuses, verdict,
-                                       self.msg.reason_codes))
+        log.info("%s", format_decision(queue_id, marking.value, statuses, verdict,
+                                       self.msg.reason_codes, marking.trigger.value))
 
 
 MAX_QUARANTINE_REASON = 900  # Postfix logs it in one line; libmilter refuses over 980 bytes
