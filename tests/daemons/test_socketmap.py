@@ -335,6 +335,33 @@ def test_idle_connection_times_out(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_a_busy_connection_outlives_the_idle_timeout(tmp_path: Path) -> None:
+    # The one timer per connection is re-armed by every request, not only at the first.
+    sock = tmp_path / "policy.sock"
+
+    async def scenario() -> None:
+        async with serving(sock, idle_timeout=1.0), connect(sock) as client:
+            for _ in range(12):  # 2.4 s, over twice the timeout
+                assert await client.ask("dane.test") == b"OK dane-only"
+                await asyncio.sleep(0.2)
+            assert await client.closed_by_server()
+
+    run(scenario())
+
+
+def test_a_client_reading_no_replies_is_cut_off(tmp_path: Path) -> None:
+    sock = tmp_path / "policy.sock"
+
+    async def scenario() -> None:
+        async with serving(sock, idle_timeout=0.5), connect(sock) as client:
+            # Far more replies than the socket buffers hold: the server's drain blocks.
+            flood = request("dane.test") * 200_000
+            with pytest.raises(OSError):
+                await client.send(flood)
+
+    run(scenario())
+
+
 def test_socket_mode_and_stop_removes_it(tmp_path: Path) -> None:
     sock = tmp_path / "policy.sock"
 

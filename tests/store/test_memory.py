@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tlsmilter import config
+from tlsmilter.core.delivery import domain_policy
 from tlsmilter.store.base import Entry, State, is_due
 from tlsmilter.store.memory import MemoryCache
 
@@ -73,6 +74,18 @@ def test_packed_entries_give_back_the_assessment_exactly() -> None:
     assert packed.level == "dane"
     assert packed.assessment == original
     assert packed.assessment is not packed.assessment  # unpacked afresh: callers may mutate
+
+
+def test_an_entry_computes_its_delivery_policy_once() -> None:
+    assessment = {"domain": "sts.test", "level": "verified", "dnssec": False,
+                  "mta_sts": "enforce", "mx": [{"host": "mx1.sts.test",
+                                                "authenticated_by": ["mta-sts"]}]}
+    entry = Entry(assessment, 0.0, 10.0, 20.0, packed=True)
+    restored = Entry.from_packed(entry.packed, entry.level, 0.0, 10.0, 20.0)
+    for each in (entry, restored):
+        assert each.policy == domain_policy(assessment)
+        assert each.policy.policy == "secure match=mx1.sts.test servername=hostname"
+        assert each.policy is each.policy  # kept, not unpacked and computed again
 
 
 def test_a_real_assessment_packs_small() -> None:

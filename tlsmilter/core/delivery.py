@@ -148,6 +148,27 @@ def policy_maps(map_name: str) -> dict[str, PolicyMap]:
     return maps
 
 
+@dataclass(frozen=True, slots=True)
+class DomainPolicy:
+    """What answering a lookup needs of an assessment, computed once (``domain_policy``).
+
+    A store keeps it with the assessment: the policy server then answers a cached domain
+    without unpacking the assessment again.
+    """
+
+    level: str | None  # the assessed level as the assessment spells it; None: it has none
+    policy: str | None  # ``policy_for``: the map value, or None for NOTFOUND
+    counted: PolicyAnswer | None  # what an ``OK`` answer counts as; None with no policy
+
+
+def domain_policy(assessment: AssessmentJson) -> DomainPolicy:
+    """The level and policy of ``assessment``."""
+    level = assessment.get("level")
+    policy = policy_for(assessment)
+    return DomainPolicy(None if level is None else str(level), policy,
+                        None if policy is None else PolicyAnswer(policy.split(" ", 1)[0]))
+
+
 def answer(domain: str, assessment: AssessmentJson | None,
            policy_map: PolicyMap) -> tuple[PolicyAnswer, str]:
     """The reply to a lookup of ``domain`` in ``policy_map``, and what it counts as.
@@ -155,8 +176,17 @@ def answer(domain: str, assessment: AssessmentJson | None,
     The reply is the socketmap payload: ``OK <policy>``, ``NOTFOUND `` or ``TEMP <reason>``.
     A TEMP reason names the domain and why, for Postfix's log.
     """
-    policy = policy_for(assessment)
-    level = assessment.get("level") if isinstance(assessment, Mapping) else None
+    known = domain_policy(assessment) if isinstance(assessment, Mapping) else None
+    return answer_for(domain, known, policy_map)
+
+
+def answer_for(domain: str, known: DomainPolicy | None,
+               policy_map: PolicyMap) -> tuple[PolicyAnswer, str]:
+    """``answer`` from the ``domain_policy`` of the assessment (None: not assessed)."""
+    if known is None:
+        policy = level = None
+    else:
+        policy, level = known.policy, known.level
     if policy is not None and policy_map.required is not None \
             and Level(str(level)) < policy_map.required:
         return PolicyAnswer.TEMP, (
@@ -165,6 +195,6 @@ def answer(domain: str, assessment: AssessmentJson | None,
     if policy is None and policy_map.strict:
         why = f"assessed {level}" if level else "not assessed (again) yet"
         return PolicyAnswer.TEMP, f"TEMP tlsmilter cannot vouch for {domain}: {why}"
-    if policy is None:
+    if known is None or known.counted is None:
         return PolicyAnswer.NOTFOUND, "NOTFOUND "
-    return PolicyAnswer(policy.split(" ", 1)[0]), f"OK {policy}"
+    return known.counted, f"OK {policy}"

@@ -17,7 +17,7 @@ import signal
 from pathlib import Path
 
 from tlsmilter import config
-from tlsmilter.core.delivery import AssessmentJson
+from tlsmilter.core.delivery import DomainPolicy
 from tlsmilter.daemons import instrument
 from tlsmilter.daemons.sdnotify import sd_notify
 from tlsmilter.daemons.socketmap import Lookup, PolicyServer
@@ -32,15 +32,14 @@ HEALTH_EVERY = 5.0  # seconds between Redis pings while no lookups come
 
 
 def policy_lookup(assessments: Assessments) -> Lookup:
-    """The policy server's lookup: the cached assessment, never waited for.
+    """The policy server's lookup: the cached domain's policy, never waited for.
 
     A missing or stale domain is assessed again at once, so a delivery the strict map
-    deferred finds it assessed at its next try. The backend's lookup may block (Redis), so
-    it runs in a thread.
+    deferred finds it assessed at its next try.
     """
-    async def lookup(domain: str) -> AssessmentJson | None:
-        _state, entry = await asyncio.to_thread(assessments.lookup, domain)
-        return entry.assessment if entry else None
+    async def lookup(domain: str) -> DomainPolicy | None:
+        _state, entry = await assessments.lookup_async(domain)
+        return entry.policy if entry else None
 
     return lookup
 

@@ -10,6 +10,10 @@ reply one netstring ``OK <data>``, ``NOTFOUND ``, ``TEMP <reason>``, ``TIMEOUT <
 cached assessment of the domain (``core.delivery.policy_for``); the server never waits for a
 probe.
 
+Per request the server does no more than it must: the answer comes from the domain's
+``DomainPolicy`` (computed once per stored assessment), one timer per connection watches for
+idleness, and the metric series are resolved at start.
+
 The maps it answers, and what each answers, are ``core.delivery``'s (``policy_maps``,
 ``answer``): ``tlspolicy`` (the configured name), ``tlspolicy-strict``, and one per level the
 milter routes accepted sensitive mail by (``tlspolicy-encrypted``, ``-verified``, ``-dane``).
@@ -18,12 +22,13 @@ milter routes accepted sensitive mail by (``tlspolicy-encrypted``, ``-verified``
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import os
 import socket
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +36,10 @@ from tlsmilter import metrics
 from tlsmilter.core.delivery import (
     STRICT_SUFFIX,
     AssessmentJson,
+    DomainPolicy,
     PolicyAnswer,
-    answer,
+    answer_for,
+    domain_policy,
     normalize_key,
     policy_maps,
 )
@@ -49,7 +56,11 @@ STOP_GRACE = 5.0  # seconds stop() lets a handler finish its lookup
 CLOSE_GRACE = 1.0  # seconds to flush the last replies of a closing connection
 DEFAULT_MODE = 0o666  # access control belongs to the socket's directory, see PolicyServer
 
-Lookup = Callable[[str], AssessmentJson | Awaitable[AssessmentJson | None] | None]
+Found = DomainPolicy | AssessmentJson | None
+Lookup = Callable[[str], Found | Awaitable[Found]]
+
+# The log line of an answer: the same few answers are given over and over.
+_answer_line = functools.lru_cache(maxsize=4096)(format_answer)
 
 
 __all__ = ["STRICT_SUFFIX", "Lookup", "PolicyServer", "PolicyServerError"]
@@ -70,8 +81,9 @@ class PolicyServerError(TlsmilterError):
 class PolicyServer:
     """Socketmap server on a unix socket, answering from ``lookup(domain)``.
 
-    ``lookup`` gets a normalised domain and returns its cached assessment (the ``to_json``
-    dict) or None; it may be a coroutine function. It may start a probe of a missing or
+    ``lookup`` gets a normalised domain and returns what is cached of it: its
+    ``DomainPolicy`` (what a store keeps), or its assessment (the ``to_json`` dict), or None;
+    it may be a coroutine function. It may start a probe of a missing or
     stale domain, but must not wait for it: Postfix waits. Requests name one of the maps
     ``core.delivery.policy_maps(map_name)`` lists.
 
@@ -166,28 +178,25 @@ class PolicyServer:
 
     async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         decoder = NetstringDecoder()
-        while True:
-            try:
-                async with asyncio.timeout(self.idle_timeout):
-                    data = await reader.read(READ_SIZE)
-            except TimeoutError:
-                log.debug("policy client idle for %ss: closing", self.idle_timeout)
-                return
-            if not data:
-                if decoder.pending:
-                    log.debug("policy client closed the connection mid-request")
-                return
-            decoder.feed(data)
-            replies, ok = await self._answer_frames(decoder)
-            writer.write(b"".join(replies))
-            try:
-                async with asyncio.timeout(self.idle_timeout):
-                    await writer.drain()
-            except TimeoutError:
-                log.debug("policy client reads no replies: closing")
-                return
-            if not ok:
-                return
+        idle = _IdleTimer(writer.transport, self.idle_timeout)
+        try:
+            while True:
+                data = await reader.read(READ_SIZE)
+                if not data:
+                    if idle.expired:
+                        log.debug("policy client idle for %ss: closing", self.idle_timeout)
+                    elif decoder.pending:
+                        log.debug("policy client closed the connection mid-request")
+                    return
+                idle.touch()
+                decoder.feed(data)
+                replies, ok = await self._answer_frames(decoder)
+                writer.write(b"".join(replies))
+                await writer.drain()  # a client reading no replies: the timer aborts it
+                if not ok:
+                    return
+        finally:
+            idle.cancel()
 
     async def _answer_frames(self, decoder: NetstringDecoder) -> tuple[list[bytes], bool]:
         """Replies to every complete request; False once the input stopped making sense."""
@@ -225,8 +234,11 @@ class PolicyServer:
             return b"NOTFOUND "
         try:
             found = self.lookup(domain)
-            assessment = await found if inspect.isawaitable(found) else found
-            counted, reply = answer(domain, assessment, policy_map)
+            if inspect.isawaitable(found):
+                found = await found
+            if not isinstance(found, DomainPolicy):
+                found = domain_policy(found) if isinstance(found, Mapping) else None
+            counted, reply = answer_for(domain, found, policy_map)
         except Exception as exc:  # the cache's failure, never Postfix's problem to parse
             self._log_error("lookup", exc)
             self._count(PolicyAnswer.TEMP)
@@ -237,8 +249,9 @@ class PolicyServer:
             return b"PERM policy too long"
         # One bounded line per answered lookup (core.policylog): tlsmilter proof shows
         # from it which policy a delivery used. Only tlsmilter's transports ask.
-        log.info("%s", format_answer(name.decode(), domain, counted,
-                                     reply[5:] if counted is PolicyAnswer.TEMP else ""))
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s", _answer_line(name.decode(), domain, counted,
+                                        reply[5:] if counted is PolicyAnswer.TEMP else ""))
         self._count(counted)
         return reply.encode()
 
@@ -255,6 +268,37 @@ class PolicyServer:
         # The cache being down is expected (Redis logs its outage itself): no traceback.
         log.error("policy %s failed (%s); further %s errors at debug level", where, exc,
                   type(exc).__name__, exc_info=None if isinstance(exc, CacheUnavailable) else exc)
+
+
+class _IdleTimer:
+    """Aborts a connection after ``timeout`` seconds without a request.
+
+    One timer per connection, re-armed only when it fires early: a request costs a clock
+    read, where a timeout around each read and each drain cost two timers. A client that
+    stops reading its replies is aborted too (its drain never ends, so no request comes).
+    """
+
+    def __init__(self, transport: asyncio.WriteTransport, timeout: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._transport = transport
+        self._timeout = timeout
+        self.expired = False
+        self._last = self._loop.time()
+        self._handle = self._loop.call_at(self._last + timeout, self._check)
+
+    def touch(self) -> None:
+        self._last = self._loop.time()
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+    def _check(self) -> None:
+        due = self._last + self._timeout
+        if self._loop.time() < due:
+            self._handle = self._loop.call_at(due, self._check)
+            return
+        self.expired = True
+        self._transport.abort()  # the pending read ends with EOF, a pending drain with an error
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:

@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from typing import Any, Protocol
 
 from tlsmilter import config
+from tlsmilter.core.delivery import DomainPolicy, domain_policy
 from tlsmilter.core.levels import UNKNOWN
 from tlsmilter.store.packing import pack, unpack
 
@@ -34,10 +35,11 @@ class Entry:
 
     With ``packed`` the assessment is kept as zlib-compressed JSON (``store.packing``), so
     the memory backend holds 100k domains in about 100 MB. The hot paths read only
-    ``level``; ``assessment`` unpacks on demand (a refusal text, a policy lookup).
+    ``level``; ``assessment`` unpacks on demand (a refusal text); ``policy``, what the policy
+    server answers from, is computed once, at the first lookup.
     """
 
-    __slots__ = ("_data", "fresh_until", "level", "stored_at", "usable_until")
+    __slots__ = ("_data", "_policy", "fresh_until", "level", "stored_at", "usable_until")
 
     def __init__(self, assessment: dict[str, Any], stored_at: float, fresh_until: float,
                  usable_until: float, *, packed: bool = False) -> None:
@@ -46,6 +48,7 @@ class Entry:
         self.fresh_until = fresh_until
         self.usable_until = usable_until
         self._data: dict[str, Any] | bytes = pack(assessment) if packed else assessment
+        self._policy: DomainPolicy | None = None  # computed at the first lookup
 
     @classmethod
     def new(cls, assessment: dict[str, Any], now: float, settings: config.CacheSettings, *,
@@ -64,6 +67,7 @@ class Entry:
         entry.fresh_until = fresh_until
         entry.usable_until = usable_until
         entry._data = packed
+        entry._policy = None
         return entry
 
     @property
@@ -71,6 +75,15 @@ class Entry:
         if isinstance(self._data, bytes):
             return unpack(self._data)
         return self._data
+
+    @property
+    def policy(self) -> DomainPolicy:
+        """``core.delivery.domain_policy`` of the assessment, computed at the first call."""
+        policy = self._policy
+        if policy is None:
+            # Two threads may both compute it: the same value, and no lock on the hot path.
+            policy = self._policy = domain_policy(self.assessment)
+        return policy
 
     @property
     def packed(self) -> bytes:
@@ -135,6 +148,13 @@ class Assessments(abc.ABC):
                 entry is not None and is_due(entry, self.cache.now(), self._refresh_before)):
             self._request(domain)
         return state, entry
+
+    async def lookup_async(self, domain: str) -> tuple[State, Entry | None]:
+        """``lookup`` on an event loop (the policy server's), which it must never block.
+
+        This default is ``lookup`` itself, for a backend that reads its own memory.
+        """
+        return self.lookup(domain)
 
     def prefetch(self, domain: str) -> Future[tuple[State, Entry | None]]:
         """Start ``lookup(domain)`` and return at once: its outcome, or its error, later.

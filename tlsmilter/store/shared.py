@@ -15,6 +15,7 @@ outage, so a Redis that hangs costs one ``redis.timeout``, not one per recipient
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -94,6 +95,10 @@ class SharedAssessments(Assessments):
             self._running[domain] = future
         future.add_done_callback(lambda done: self._forget(domain, done))
         return future
+
+    async def lookup_async(self, domain: str) -> tuple[State, Entry | None]:
+        """``lookup`` in a thread: the blocking client must not hold up the event loop."""
+        return await asyncio.to_thread(self.lookup, domain)
 
     def _lookup(self, domain: str) -> tuple[State, Entry | None]:
         try:
