@@ -129,3 +129,56 @@ def test_workers_leave_the_group_and_gone_ones_are_forgotten(redis_server: LabRe
             await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_urgent_probes_overtake_a_flood_of_hanging_warm_up_probes(
+        redis_server: LabRedis) -> None:
+    # 4 slots, 1 kept for urgent probes; 50 warm-up requests whose probes hang (60 s).
+    settings = config.from_mapping({
+        "cache": {"backend": "redis"}, "redis": {"url": redis_server.url, "prefix": "urgent:"},
+        "prober": {"concurrency": 4, "reserved_slots": 1}})
+    cache = RedisCache(settings)
+    cache.client.flushdb()
+    prober = TableProber(default="verified",
+                         delays=lambda d: 60.0 if d.startswith("hang") else 0.0)
+
+    async def scenario() -> float:
+        worker = Worker(settings, prober=prober)  # type: ignore[arg-type]
+        requests = ProbeRequests(settings, cache.client, cache.health)
+        running = asyncio.create_task(worker.run())
+        try:
+            for i in range(50):
+                assert requests.request(f"hang{i}.test")
+            while len(prober.calls) < 3:  # the three warm-up slots all hang
+                await asyncio.sleep(0.05)
+            # A domain queued among the warm-up requests, then needed by a sensitive message,
+            # and one a sensitive message needs that no RCPT asked for (a spent budget).
+            assert requests.request("queued.test")
+            await asyncio.sleep(0.3)
+            started = time.monotonic()
+            assert requests.request("queued.test", urgent=True)
+            assert requests.request("new.test", urgent=True)
+            while cache.get("queued.test")[1] is None or cache.get("new.test")[1] is None:
+                assert time.monotonic() - started < 5, prober.calls
+                await asyncio.sleep(0.02)
+            seconds = time.monotonic() - started
+            # The worker took no more warm-up requests than it may run: the rest wait in
+            # Redis for other workers, and no fourth hanging probe took the reserved slot.
+            assert sorted(prober.calls[:3]) == ["hang0.test", "hang1.test", "hang2.test"]
+            assert sorted(prober.calls[3:]) == ["new.test", "queued.test"]
+            pending = await worker.client.xpending(worker.queue.keys.stream,
+                                                   worker.queue.keys.group)
+            assert pending["pending"] == 3
+            return seconds
+        finally:
+            worker.stop()
+            for task in list(worker._tasks):  # the hanging probes
+                task.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+            await worker.client.aclose()
+
+    try:
+        seconds = asyncio.run(scenario())
+    finally:
+        cache.client.close()
+    print(f"urgent probes done {seconds:.2f} s after the request")

@@ -1,8 +1,12 @@
 """``tlsmilter worker``: probe the domains milters queue on the shared Redis.
 
-Each worker reads the probe Stream through the consumer group, runs up to
+Each worker reads the probe Streams through the consumer group, runs up to
 ``prober.concurrency`` probes at once (and, fleet-wide, ``worker.fleet_concurrency``),
 stores each assessment with its TTL and announces it, so the milters waiting for it go on.
+Probes a sensitive message waits for (the urgent Stream) go first: warm-up probes may take
+all but ``prober.reserved_slots`` of the worker's slots and of the fleet's, and urgent ones
+waiting for a slot start before warm-up ones (``store.scheduling.SlotGate``), so a flood of
+warm-up probes that hang cannot delay a verdict (issue 12).
 On SIGTERM it stops reading, lets running probes finish (up to one probe budget) and exits;
 what it leaves unfinished is taken over by another worker after ``worker.claim_after``.
 """
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -24,14 +29,16 @@ import redis
 from tlsmilter import config, metrics
 from tlsmilter.assess.prober import Prober
 from tlsmilter.core.domains import InvalidDomain, normalize_domain
+from tlsmilter.core.safetext import safe
 from tlsmilter.daemons import instrument
 from tlsmilter.daemons.sdnotify import sd_notify
 from tlsmilter.errors import TlsmilterError
 from tlsmilter.store.base import State, freshness
 from tlsmilter.store.redis.connection import Health, connect_async, describe
-from tlsmilter.store.redis.queue import WorkQueue
+from tlsmilter.store.redis.queue import Request, WorkQueue
 from tlsmilter.store.redis.records import decode, encode
 from tlsmilter.store.redis.stspolicies import RedisPolicyCache
+from tlsmilter.store.scheduling import SlotGate
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +62,10 @@ class Worker:
         self.health = Health(describe(settings.redis))
         self.prober = prober
         self.capacity = settings.prober.concurrency
+        self.gate = SlotGate(self.capacity, settings.prober.reserved_slots)
         self.stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._taken = {True: 0, False: 0}  # requests taken and not finished, urgent or not
         self._next_claim = 0.0
         self._next_gauge = 0.0
 
@@ -97,15 +106,19 @@ class Worker:
         grouped = False
         block_ms = max(50, int(self.settings.redis.timeout * 500))
         while not self.stopping.is_set():
-            free = self.capacity - len(self._tasks)
-            if free <= 0:
+            # Take no more than can start: urgent requests up to every slot, warm-up ones up
+            # to the slots not reserved; the rest stay in Redis for other workers.
+            urgent = self.capacity - self._taken[True]
+            warm = self.capacity - self.gate.reserved - self._taken[False]
+            if urgent <= 0:
                 await asyncio.wait(self._tasks, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:
                 if not grouped:
                     await self.queue.ensure_group()
                     grouped = True
-                entries = await self._claim(free) or await self.queue.read(free, block_ms)
+                entries = await self._claim(urgent) or await self.queue.read(urgent, warm,
+                                                                             block_ms)
                 await self._update_gauge()
                 self.health.ok()
             except redis.RedisError as exc:
@@ -116,13 +129,18 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), 1.0)
                 continue
-            for entry_id, domain in entries:
-                task = asyncio.create_task(self._handle(entry_id, domain))
+            for request in entries:
+                self._taken[request.urgent] += 1
+                task = asyncio.create_task(self._handle(request))
                 self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(functools.partial(self._finished, request.urgent))
         await self._drain()
 
-    async def _claim(self, count: int) -> list[tuple[str, str]]:
+    def _finished(self, urgent: bool, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._taken[urgent] -= 1
+
+    async def _claim(self, count: int) -> list[Request]:
         now = time.monotonic()
         if now < self._next_claim:
             return []
@@ -133,14 +151,16 @@ class Worker:
         claimed = await self.queue.claim(count)
         if claimed:
             log.info("took over %d probe(s) from a worker that stopped answering: %s",
-                     len(claimed), ", ".join(d for _i, d in claimed))
+                     len(claimed), ", ".join(r.domain for r in claimed))
         return claimed
 
     async def _update_gauge(self) -> None:
         now = time.monotonic()
         if now >= self._next_gauge:
             self._next_gauge = now + QUEUE_GAUGE_EVERY
-            metrics.PROBE_QUEUE_LENGTH.set(await self.client.xlen(self.queue.keys.stream))
+            keys = self.queue.keys
+            metrics.PROBE_QUEUE_LENGTH.set(await self.client.xlen(keys.stream)
+                                           + await self.client.xlen(keys.urgent))
 
     async def _drain(self) -> None:
         if self._tasks:
@@ -153,16 +173,18 @@ class Worker:
         # Leave the group, unless entries are still pending: another worker takes those over.
         await self._quietly(self.queue.leave())
 
-    async def _handle(self, entry_id: str, requested: str) -> None:
+    async def _handle(self, request: Request) -> None:
         try:
-            domain = normalize_domain(requested)
+            domain = normalize_domain(request.domain)
         except InvalidDomain as exc:
-            log.warning("dropping probe request for %r: %s", requested, exc)
-            await self._quietly(self.queue.finish(entry_id, requested, done=True))
+            log.warning("dropping probe request for %s: %s", safe(request.domain, 200), exc)
+            await self._quietly(self.queue.finish(request, done=True))
             return
         for attempt in range(1, HANDLE_ATTEMPTS + 1):
             try:
-                await self._handle_once(entry_id, domain)
+                # Keyed by entry: a domain may have two entries (a takeover, an urgent copy).
+                async with self.gate.slot(request.id, urgent=request.urgent):
+                    await self._handle_once(request, domain)
                 return
             except redis.RedisError as exc:
                 # Often a pooled connection that died with a Redis restart: try again soon.
@@ -173,15 +195,16 @@ class Worker:
                 await asyncio.sleep(HANDLE_RETRY)
             except Exception:
                 log.exception("probing %s failed", domain)
-                await self._quietly(self.queue.finish(entry_id, domain, done=True))
+                await self._quietly(self.queue.finish(request, done=True))
                 return
 
-    async def _handle_once(self, entry_id: str, domain: str) -> None:
+    async def _handle_once(self, request: Request, domain: str) -> None:
         # The fleet-wide slot first, then the domain lock. The slot may take long to come;
         # a domain lock held through that wait could expire before the probe ends, and a
         # worker that took the entry over would then probe the domain at the same time.
         token = f"{self.consumer}:{domain}"
-        while not await self.queue.acquire_slot(token, int(time.time() * 1000)):
+        while not await self.queue.acquire_slot(token, int(time.time() * 1000),
+                                                urgent=request.urgent):
             await asyncio.sleep(SLOT_RETRY)
         try:
             if not await self.queue.lock(domain):
@@ -189,19 +212,19 @@ class Worker:
                 # over later, and then finds the fresh result and is simply acknowledged.
                 return
             try:
-                await self._probe_locked(entry_id, domain)
+                await self._probe_locked(request, domain)
             finally:
                 await self._quietly(self.queue.unlock(domain))
         finally:
             await self._quietly(self.queue.release_slot(token))
 
-    async def _probe_locked(self, entry_id: str, domain: str) -> None:
+    async def _probe_locked(self, request: Request, domain: str) -> None:
         keys = self.queue.keys
-        requested_at = int(entry_id.split("-")[0]) / 1000
+        requested_at = int(request.id.split("-")[0]) / 1000
         stored = decode(await self.client.get(keys.assessment(domain)))
         if (stored is not None and stored.stored_at >= requested_at
                 and freshness(stored, time.time()) is State.HIT):
-            await self.queue.finish(entry_id, domain, done=True)  # done since it was asked for
+            await self.queue.finish(request, done=True)  # done since it was asked for
             return
         assert self.prober is not None
         metrics.WORKER_SLOTS_BUSY.inc()
@@ -217,7 +240,7 @@ class Worker:
         metrics.CACHE_SECONDS.labels(backend="redis", op="put").observe(
             time.perf_counter() - started)
         await self.queue.announce(domain)
-        await self.queue.finish(entry_id, domain, done=True)
+        await self.queue.finish(request, done=True)
         log.info("assessed %s: %s", domain, assessment.get("level"))
 
     async def _quietly(self, operation: Awaitable[object]) -> None:

@@ -24,7 +24,8 @@ class Keys:
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        self.stream = f"{prefix}probes"  # the probe queue (a Stream)
+        self.stream = f"{prefix}probes"  # the probe queue (a Stream): warm-up requests
+        self.urgent = f"{prefix}probes:urgent"  # probes a waiting sensitive message needs
         self.group = "workers"  # its consumer group
         self.assessed = f"{prefix}assessed"  # pub/sub: a domain's new assessment is stored
         self.slots = f"{prefix}slots"  # sorted set: probes running fleet-wide
