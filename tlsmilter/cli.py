@@ -189,6 +189,16 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _proof(args: argparse.Namespace) -> int:
+    if args.follow:
+        from tlsmilter.daemons.proof_follow import run_follow
+
+        if args.logs or args.csv:
+            raise UsageError("--follow reads standard input, as JSON or lines, not --csv")
+        if args.metrics_listen:
+            problem = config.check_listen(args.metrics_listen)
+            if problem:
+                raise UsageError(f"--metrics-listen: {problem}")
+        return run_follow(args)
     from tlsmilter.commands.proof import run_proof
 
     return run_proof(args)
@@ -329,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     prf.add_argument("--until", metavar="TIME", help="only messages before TIME (ISO)")
     prf.add_argument("--json", action="store_true", help="one JSON object per message and line")
     prf.add_argument("--csv", action="store_true", help="CSV, one row per recipient")
+    prf.add_argument("--follow", action="store_true",
+                     help="judge each sensitive delivery as its line arrives on standard "
+                     "input, e.g. from journalctl -f; with --metrics-listen, count them")
+    prf.add_argument("--metrics-listen", metavar="HOST:PORT",
+                     help="with --follow: serve /metrics here")
     prf.set_defaults(handler=_proof)
 
     doc = commands.add_parser(

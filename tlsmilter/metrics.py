@@ -116,3 +116,8 @@ REDIS_SHORT_CIRCUITED = Counter("tlsmilter_redis_short_circuited_total", "Redis 
 # policy server
 POLICY_LOOKUPS = Counter("tlsmilter_policy_lookups_total", "Postfix TLS policy lookups, by "
                          "the answer given.", ["answer"], registry=REGISTRY)
+
+# proof --follow
+PROOF_DELIVERIES = Counter("tlsmilter_proof_deliveries_total", "Sensitive deliveries Postfix "
+                           "logged as sent, by the level their TLS proves (none: in clear) and "
+                           "what proof found.", ["level", "result"], registry=REGISTRY)

@@ -167,6 +167,11 @@ def tls_relay(text: str) -> str:
     return text[start + 4:stop] if start >= 0 and stop >= 0 else ""
 
 
+# Processes whose last TLS line is kept: an smtp process that stayed silent while this many
+# others logged TLS lines has long exited (Postfix's max_idle is 100 s).
+MAX_PROCESSES = 10_000
+
+
 class TlsJoin:
     """Gives each delivery line the TLS line of its connection (see the module docstring)."""
 
@@ -175,7 +180,10 @@ class TlsJoin:
         self._last: dict[str, list[str]] = {}
 
     def connected(self, key: str, text: str) -> None:
+        self._last.pop(key, None)  # re-inserted: the dict stays in order of last use
         self._last[key] = [text, tls_relay(text), ""]
+        if len(self._last) > MAX_PROCESSES:
+            del self._last[next(iter(self._last))]
 
     def delivered(self, key: str, qid: str, relay: str) -> str:
         """The TLS line ``qid``'s delivery to ``relay`` by process ``key`` used, or ""."""

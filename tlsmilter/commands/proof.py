@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import enum
 import gzip
 import json
 import os
 import re
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -45,6 +46,17 @@ TRANSPORTS = {"encrypted": "tlsmilter-secure", "verified": "tlsmilter-verified",
 MAP_SUFFIX = {"tlsmilter-secure": "-strict", "tlsmilter-verified": "-verified",
               "tlsmilter-dane": "-dane"}
 RANK = {"none": 0, "encrypted": 1, "verified": 2, "dane": 3}
+MAX_FOLLOWED = 100_000  # messages (and domains' policy answers) --follow keeps in memory
+MAX_ANSWERS_FOLLOWED = 8  # policy answers kept per domain while following
+
+
+class ProofResult(enum.Enum):
+    """What proof found for one sensitive delivery; values double as metric labels."""
+
+    OK = "ok"
+    BELOW_ASSESSED = "below_assessed"  # a warning: the required level was met
+    VIOLATION = "violation"  # in clear, below the required level, or the wrong transport
+    UNENFORCED = "unenforced"  # monitor mode, tag or quarantine: not held to a level
 
 
 @dataclass
@@ -103,16 +115,23 @@ class Evidence:
     its first words, keeps the rest as text, and leaves parsing to ``resolve``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_delivery: Callable[[Message], None] | None = None) -> None:
+        """``on_delivery``, for ``--follow``: called after each delivery line of a sensitive
+        message, which is then forgotten once Postfix logs it ``removed``."""
         self.messages: dict[str, Message] = {}
         self.answers: dict[str, list[Answer]] = {}  # domain -> answers in log order
         self._tls = maillog.TlsJoin()
         self._now = datetime.now().astimezone()
+        self._on_delivery = on_delivery
 
     def _message(self, qid: str) -> Message:
         found = self.messages.get(qid)
         if found is None:
             found = self.messages[qid] = Message(qid)
+            if self._on_delivery is not None and len(self.messages) > MAX_FOLLOWED:
+                # Following for months: messages never logged "removed" (refused ones)
+                # must not pile up. The oldest goes.
+                del self.messages[next(iter(self.messages))]
         return found
 
     def _time(self, stamp: str) -> datetime | None:
@@ -133,7 +152,7 @@ class Evidence:
         if 5 <= colon <= 20 and rest[:colon].isalnum():
             tail = rest[colon + 2:]
             first = tail[:4]
-            if first in ("to=<", "mess", "from", "milt"):
+            if first in ("to=<", "mess", "from", "milt", "remo"):
                 self._add_postfix(text, end, rest[:colon], tail)
             return
         if rest.startswith(maillog.TRUST):
@@ -148,8 +167,14 @@ class Evidence:
             relay = maillog.delivery_relay(tail)
             key = maillog.process_key(text, end)
             tls = self._tls.delivered(key, qid, relay)
-            self._message(qid).deliveries.append(
-                (maillog.service(key), maillog.stamp(text, end), tail, tls))
+            message = self._message(qid)
+            message.deliveries.append((maillog.service(key), maillog.stamp(text, end), tail,
+                                       tls))
+            if self._on_delivery is not None and message.decision is not None:
+                self._on_delivery(message)
+        elif tail.startswith("removed"):
+            if self._on_delivery is not None:  # following: done with this message
+                self.messages.pop(qid, None)
         elif tail.startswith("message-id="):
             message = self._message(qid)
             message.message_id = maillog.address(tail, "message-id") or ""
@@ -174,8 +199,12 @@ class Evidence:
         elif policylog.MARK in text:
             answer = policylog.parse(text)
             if answer is not None:
-                self.answers.setdefault(answer.domain, []).append(
-                    Answer(answer.map_name, answer.answer, self._time(stamp)))
+                answers = self.answers.setdefault(answer.domain, [])
+                answers.append(Answer(answer.map_name, answer.answer, self._time(stamp)))
+                if self._on_delivery is not None:  # following: the recent ones suffice
+                    del answers[:-MAX_ANSWERS_FOLLOWED]
+                    if len(self.answers) > MAX_FOLLOWED:
+                        del self.answers[next(iter(self.answers))]
 
     def resolve(self, message: Message) -> None:
         """Parse what reading kept of ``message``: its times and its recipients."""
@@ -235,6 +264,16 @@ def judge(message: Message, evidence: Evidence) -> None:
                 and RANK[rcpt.delivered_level] < RANK[rcpt.assessed]:
             rcpt.warnings.append(f"sent {rcpt.delivered_level}, below the {rcpt.assessed} "
                                  "assessed at acceptance")
+
+
+def result(message: Message, rcpt: Recipient) -> ProofResult:
+    """What proof found for ``rcpt`` of ``message``, once ``judge`` has run."""
+    decision = message.decision
+    if decision is None or decision.verdict != "accept" or decision.would_be:
+        return ProofResult.UNENFORCED
+    if rcpt.problems:
+        return ProofResult.VIOLATION
+    return ProofResult.BELOW_ASSESSED if rcpt.warnings else ProofResult.OK
 
 
 def delivered_level(rcpt: Recipient) -> str:

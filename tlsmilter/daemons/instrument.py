@@ -15,6 +15,7 @@ import prometheus_client
 from tlsmilter import __version__, config, metrics
 from tlsmilter.assess.events import STEP_RESULTS, TIMED_STEPS, ProbeStep
 from tlsmilter.assess.model import Code
+from tlsmilter.commands.proof import ProofResult
 from tlsmilter.core.delivery import PolicyAnswer
 from tlsmilter.core.levels import UNKNOWN, Level
 from tlsmilter.core.reasons import MILTER_REASONS, OTHER
@@ -73,6 +74,9 @@ def init_labels(settings: config.Config | None = None) -> None:
         metrics.ASSESSMENTS.labels(level=level_value)
     for answer in PolicyAnswer:
         metrics.POLICY_LOOKUPS.labels(answer=answer.value)
+    for delivered in Level:
+        for found in ProofResult:
+            metrics.PROOF_DELIVERIES.labels(level=delivered.value, result=found.value)
 
 
 def _init_messages(sensitivities: Iterable[str]) -> None:
