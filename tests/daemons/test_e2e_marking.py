@@ -1,0 +1,155 @@
+"""End to end, each way of marking mail (issue 15): the lab's real Postfix set up from contrib,
+``tlsmilter serve`` as a process, mail sent over SMTP as Outlook and people write it.
+
+Each trigger is refused to a domain without STARTTLS (``plain.test``) and accepted and routed
+by its required level to a domain with verified TLS (``dnssec-ca.test``). The embedded backend
+only: the triggers are decided in the milter, the same over either store (test_e2e runs both).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import smtplib
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import world_searchable_dir
+from tests.daemons.test_e2e import contrib_postfix, wait_log
+from tests.lab import daemons
+from tests.lab.daemons import Daemon
+from tests.lab.lab import Lab
+from tests.lab.postfix import MYHOSTNAME, LabPostfix
+from tlsmilter.core.decisionlog import parse
+from tlsmilter.core.subject import decode
+
+pytestmark = pytest.mark.lab
+
+LABEL = "f42aa342-8706-4288-bd11-ebb85995028c"
+TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+PUBLIC = "1a19d03a-48bc-4359-8038-5b5f6d5847c3"  # a label no rule names
+HR = "hr.lab.invalid"
+
+# Quoted TOML keys: write_config writes bare ones, which a GUID allows but "[secure]" does not.
+MARKING = f'''
+[sensitivity.labels]
+"{LABEL}@{TENANT}" = "private"
+
+[sensitivity.subject_keywords]
+"[secure]" = "private"
+
+[sensitivity.senders]
+"{HR}" = "personal"
+'''
+
+
+@pytest.fixture(scope="module")
+def stack(lab: Lab) -> Iterator[tuple[LabPostfix, Daemon]]:
+    workdir = world_searchable_dir("tlsmilter-e2e-marking-")
+    postfix, sockets = contrib_postfix(lab, workdir, f"{lab.base}.0.7")
+    config = daemons.write_config(
+        workdir / "tlsmilter.toml", lab, sockets,
+        overrides={"milter": {"skip_domains": [MYHOSTNAME]},
+                   "sensitivity": {"strip_subject_keyword": True}})
+    config.write_text(config.read_text() + MARKING)
+    serve = daemons.serve(config, workdir / "tlsmilter.log")
+    try:
+        serve.start()
+        postfix.start()
+        yield postfix, serve
+    finally:
+        try:
+            daemons.stop_all([postfix, serve])
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def outlook_labels(guid: str, name: str) -> str:
+    """An msip_labels header as Exchange Online writes it: folded, a field per line."""
+    fields = ["Enabled=true", "SetDate=2024-03-01T09:12:44Z", "Method=Privileged",
+              f"Name={name}", f"SiteId={TENANT}",
+              "ActionId=8e2bd3c1-27e8-4ad4-9b8e-5f0e4fe2f7a1", "ContentBits=0"]
+    return "msip_labels: " + ";\r\n ".join(f"MSIP_Label_{guid}_{f}" for f in fields) + "\r\n"
+
+
+def raw_message(sender: str, to: str, subject: str, extra: str = "") -> bytes:
+    return (f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{uuid.uuid4().hex}@client.lab.invalid>\r\n"
+            f"{extra}MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+            "lab test body\r\n").encode()
+
+
+def submit(postfix: LabPostfix, sender: str, to: str, subject: str, extra: str = "") -> None:
+    with smtplib.SMTP(*postfix.submit, local_hostname="client.lab.invalid", timeout=30) as smtp:
+        smtp.sendmail(sender, [to], raw_message(sender, to, subject, extra))
+
+
+SENDER = "sender@postfix.lab.invalid"
+CASES = {
+    # trigger: (envelope sender, Subject, extra headers, decision value, routed level)
+    "label": (SENDER, "quarterly figures",
+              outlook_labels(PUBLIC, "Public") + outlook_labels(LABEL, "Confidential"),
+              f"{LABEL}@{TENANT}", "verified"),
+    "subject": (SENDER, "=?UTF-8?Q?RE=3A_=5BSecure=5D_loonstrook_m=C3=A4rz?=", "", "[secure]",
+                "verified"),
+    "sender": (f"payroll@{HR}", "unmarked payslips", "", HR, "encrypted"),
+}
+TRANSPORT = {"verified": "tlsmilter-verified", "encrypted": "tlsmilter-secure"}
+
+
+@pytest.mark.parametrize("trigger", list(CASES))
+def test_each_trigger_is_refused_to_a_weak_domain(
+        stack: tuple[LabPostfix, Daemon], trigger: str) -> None:
+    postfix, serve = stack
+    sender, subject, extra, value, _level = CASES[trigger]
+    rcpt = f"weak-{trigger}@plain.test"
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        submit(postfix, sender, rcpt, subject, extra)
+    assert refused.value.smtp_code == 550
+    assert "plain.test: cannot receive mail securely enough" in refused.value.smtp_error.decode()
+    assert not any(rcpt in str(entry) for entry in postfix.queue())  # not queued either
+    decided = [d for d in map(parse, serve.decisions()) if d and d.failing == ("plain.test",)]
+    assert any(d.verdict == "reject" and d.trigger == trigger and d.sensitivity == value
+               for d in decided), serve.decisions()[-5:]
+
+
+@pytest.mark.parametrize("trigger", list(CASES))
+def test_each_trigger_is_accepted_and_routed_to_a_strong_domain(
+        lab: Lab, stack: tuple[LabPostfix, Daemon], trigger: str) -> None:
+    postfix, serve = stack
+    sender, subject, extra, value, level = CASES[trigger]
+    server = lab.server("dnssec-ca")
+    before = len(server.messages)
+    rcpt = f"strong-{trigger}@dnssec-ca.test"
+    submit(postfix, sender, rcpt, subject, extra)
+    (received,) = server.wait_for_messages(before + 1, timeout=30)[before:]
+    assert received.tls_version == "TLSv1.3"
+    data = received.data.decode()
+    assert f"X-TLSMilter-Route: {level}" in data
+    assessment = re.search(r"^X-TLSMilter-Assessment: (.*(?:\r?\n[ \t].*)*)", data, re.M)
+    assert assessment and " ".join(assessment.group(1).split()).endswith(
+        f"dnssec-ca.test=verified; trigger={trigger}"), data
+    log = wait_log(postfix, rf"postfix/{TRANSPORT[level]}/smtp\[\d+\]: .*"
+                            rf"to=<{re.escape(rcpt)}>.*status=sent")
+    assert re.search(r"Verified TLS connection established to mx1\.dnssec-ca\.test", log)
+    assert any(d and d.verdict == "accept" and d.trigger == trigger and d.sensitivity == value
+               for d in map(parse, serve.decisions()))
+    if trigger == "subject":  # stripped, as configured; the rest of the Subject kept
+        subject_line = re.search(r"^Subject: (.*(?:\r?\n[ \t].*)*)", data, re.M)
+        assert subject_line
+        assert decode(subject_line.group(1)) == "RE: loonstrook märz"
+
+
+def test_unmarked_mail_and_an_unconfigured_label_pass_to_a_weak_domain(
+        lab: Lab, stack: tuple[LabPostfix, Daemon]) -> None:
+    postfix, _serve = stack
+    server = lab.server("plain")
+    before = len(server.messages)
+    submit(postfix, SENDER, "ordinary@plain.test", "payslips [secure] later",
+           outlook_labels(PUBLIC, "Public"))
+    (received,) = server.wait_for_messages(before + 1, timeout=30)[before:]
+    assert received.tls_version is None
+    assert b"X-TLSMilter" not in received.data
+    assert b"Subject: payslips [secure] later" in received.data
