@@ -46,6 +46,8 @@ TRANSPORTS = {"encrypted": "tlsmilter-secure", "verified": "tlsmilter-verified",
 MAP_SUFFIX = {"tlsmilter-secure": "-strict", "tlsmilter-verified": "-verified",
               "tlsmilter-dane": "-dane"}
 RANK = {"none": 0, "encrypted": 1, "verified": 2, "dane": 3}
+# The starts of the Postfix lines about a queue ID that proof reads; every other is dropped.
+KEPT = ("to=<", "message-id=", "from=<", "milter-header-filter: ", "milter-reject: ")
 MAX_FOLLOWED = 100_000  # messages (and domains' policy answers) --follow keeps in memory
 MAX_ANSWERS_FOLLOWED = 8  # policy answers kept per domain while following
 
@@ -123,6 +125,7 @@ class Evidence:
         self._tls = maillog.TlsJoin()
         self._now = datetime.now().astimezone()
         self._on_delivery = on_delivery
+        self._kept = KEPT if on_delivery is None else (*KEPT, "removed")
 
     def _message(self, qid: str) -> Message:
         found = self.messages.get(qid)
@@ -143,21 +146,20 @@ class Evidence:
             add(text)
 
     def add(self, text: str) -> None:
+        # Offsets, not slices: most lines are dropped here without a copy.
         end = text.find("]: ")
         if end < 0:  # tlsmilter's own lines, as a file without syslog prefixes
             self._add_tlsmilter(text, "")
             return
-        rest = text[end + 3:]
-        colon = rest.find(": ")
-        if 5 <= colon <= 20 and rest[:colon].isalnum():
-            tail = rest[colon + 2:]
-            first = tail[:4]
-            if first in ("to=<", "mess", "from", "milt", "remo"):
-                self._add_postfix(text, end, rest[:colon], tail)
+        start = end + 3
+        colon = text.find(": ", start, start + 21)
+        if colon >= start + 5 and text[start:colon].isalnum():
+            if text.startswith(self._kept, colon + 2):
+                self._add_postfix(text, end, text[start:colon], text[colon + 2:])
             return
-        if rest.startswith(maillog.TRUST):
-            if " TLS connection " in rest:
-                self._tls.connected(maillog.process_key(text, end), rest)
+        if text.startswith(maillog.TRUST, start):
+            if " TLS connection " in text:
+                self._tls.connected(maillog.process_key(text, end), text[start:])
             return
         if "postfix" not in text[:end]:
             self._add_tlsmilter(text, maillog.stamp(text, end))
