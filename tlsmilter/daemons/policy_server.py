@@ -37,11 +37,22 @@ def policy_lookup(assessments: Assessments) -> Lookup:
     A missing or stale domain is assessed again at once, so a delivery the strict map
     deferred finds it assessed at its next try.
     """
-    async def lookup(domain: str) -> DomainPolicy | None:
-        _state, entry = await assessments.lookup_async(domain)
+    return _PolicyLookup(assessments)
+
+
+class _PolicyLookup:
+    """``policy_lookup``'s lookup; ``aclose`` (``PolicyServer.stop`` awaits it) closes the
+    backend's connections of the server's loop."""
+
+    def __init__(self, assessments: Assessments) -> None:
+        self._assessments = assessments
+
+    async def __call__(self, domain: str) -> DomainPolicy | None:
+        _state, entry = await self._assessments.lookup_async(domain)
         return entry.policy if entry else None
 
-    return lookup
+    async def aclose(self) -> None:
+        await self._assessments.close_async()
 
 
 def unix_path(spec: str) -> Path | None:
@@ -102,9 +113,12 @@ def run_policy_server(settings: config.Config) -> int:
             sd_notify("STOPPING=1")
             await server.stop()
 
+    # The listener: a notice of a new assessment makes the server forget what it read.
+    assessments.start()
     try:
         asyncio.run(main())
     finally:
+        assessments.stop()
         assessments.close()
         if stop_metrics is not None:
             stop_metrics()

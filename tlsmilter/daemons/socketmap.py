@@ -83,9 +83,10 @@ class PolicyServer:
 
     ``lookup`` gets a normalised domain and returns what is cached of it: its
     ``DomainPolicy`` (what a store keeps), or its assessment (the ``to_json`` dict), or None;
-    it may be a coroutine function. It may start a probe of a missing or
-    stale domain, but must not wait for it: Postfix waits. Requests name one of the maps
-    ``core.delivery.policy_maps(map_name)`` lists.
+    it may be a coroutine function, and may have an ``aclose`` coroutine that ``stop``
+    awaits last. It may start a probe of a missing or stale domain, but must not wait for
+    it: Postfix waits. Requests name one of the maps ``core.delivery.policy_maps(map_name)``
+    lists.
 
     The socket gets ``mode`` (default 0666: the map is read-only and holds public DNS
     facts, and Postfix's smtp processes must be able to connect); restrict who may connect
@@ -147,6 +148,9 @@ class PolicyServer:
                 await asyncio.wait(pending)
             await self._server.wait_closed()
             self._server = None
+            close = getattr(self.lookup, "aclose", None)  # e.g. the backend's connections
+            if close is not None:
+                await close()
         self._unlink()
 
     def _unlink(self) -> None:

@@ -156,6 +156,10 @@ class Assessments(abc.ABC):
         """
         return self.lookup(domain)
 
+    async def close_async(self) -> None:
+        """Close what ``lookup_async`` opened on the running loop; a no-op by default."""
+        return None
+
     def prefetch(self, domain: str) -> Future[tuple[State, Entry | None]]:
         """Start ``lookup(domain)`` and return at once: its outcome, or its error, later.
 

@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+import redis.asyncio
 
 from tlsmilter import config, metrics
 from tlsmilter.errors import CacheUnavailable
 from tlsmilter.labels import CACHE_ERROR
 from tlsmilter.store.base import Entry, State, freshness
-from tlsmilter.store.redis.connection import Health, connect, describe
+from tlsmilter.store.redis.connection import Health, connect, connect_async, describe
 from tlsmilter.store.redis.records import Keys, decode, encode
 
 
@@ -40,6 +41,15 @@ class RedisCache:
         self._clock = clock
         # The breaker's recovery probe: a PING with the normal timeout.
         self.health = health or Health(describe(settings.redis), probe=self.client.ping)
+        self._redis_settings = settings.redis
+        self._async_client: redis.asyncio.Redis | None = None
+        # Labelled series resolved once: get() runs per recipient and per policy lookup.
+        self._get_seconds = metrics.CACHE_SECONDS.labels(backend=self.backend, op="get")
+        self._put_seconds = metrics.CACHE_SECONDS.labels(backend=self.backend, op="put")
+        self._requests = {state: metrics.CACHE_REQUESTS.labels(backend=self.backend,
+                                                               result=state.value)
+                          for state in State}
+        self._errors = metrics.CACHE_REQUESTS.labels(backend=self.backend, result=CACHE_ERROR)
 
     def now(self) -> float:
         return self._clock()
@@ -49,19 +59,43 @@ class RedisCache:
         try:
             raw = self.health.call(lambda: self.client.get(self.keys.assessment(domain)))
         except CacheUnavailable:
-            metrics.CACHE_REQUESTS.labels(backend=self.backend, result=CACHE_ERROR).inc()
+            self._errors.inc()
             raise
-        metrics.CACHE_SECONDS.labels(backend=self.backend, op="get").observe(
-            time.perf_counter() - started)
+        return self._found(raw, started)
+
+    async def get_async(self, domain: str) -> tuple[State, Entry | None]:
+        """``get`` with the asyncio client (made at the first call, on the caller's loop)."""
+        started = time.perf_counter()
+        client = self._async_client
+        if client is None:
+            client = self._async_client = connect_async(self._redis_settings)
+        try:
+            raw = await self.health.call_async(
+                lambda: client.get(self.keys.assessment(domain)))
+        except CacheUnavailable:
+            self._errors.inc()
+            raise
+        return self._found(raw, started)
+
+    def _found(self, raw: bytes | str | None, started: float) -> tuple[State, Entry | None]:
+        self._get_seconds.observe(time.perf_counter() - started)
         entry = decode(raw)
         now = self._clock()
         state = freshness(entry, now)
-        metrics.CACHE_REQUESTS.labels(backend=self.backend, result=state.value).inc()
-        if state is State.MISS:
-            return state, None
-        assert entry is not None
-        metrics.ASSESSMENT_AGE.observe(max(0.0, now - entry.stored_at))
-        return state, entry
+        self.count(state, entry, now)
+        return (state, None) if state is State.MISS else (state, entry)
+
+    def count(self, state: State, entry: Entry | None, now: float) -> None:
+        """Count a read of the cache (also one answered from an entry read just before)."""
+        self._requests[state].inc()
+        if entry is not None and state is not State.MISS:
+            metrics.ASSESSMENT_AGE.observe(max(0.0, now - entry.stored_at))
+
+    async def close_async(self) -> None:
+        """Close the asyncio client's connections, if it was ever used."""
+        client, self._async_client = self._async_client, None
+        if client is not None:
+            await client.aclose()
 
     def ping(self) -> bool:
         """Ping Redis: keeps ``health`` (and tlsmilter_redis_up) current while idle."""
@@ -76,8 +110,7 @@ class RedisCache:
         entry, text, ttl_ms = encode(assessment, self._clock(), self._settings)
         key = self.keys.assessment(str(assessment["domain"]))
         self.health.call(lambda: self.client.set(key, text, px=ttl_ms))
-        metrics.CACHE_SECONDS.labels(backend=self.backend, op="put").observe(
-            time.perf_counter() - started)
+        self._put_seconds.observe(time.perf_counter() - started)
         return entry
 
     def flush(self, domain: str | None = None) -> int:

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis
@@ -182,16 +182,29 @@ class Health:
         return CacheUnavailable(f"redis at {self.where} unavailable: {exc}")
 
     def call(self, operation: Callable[[], T]) -> T:
-        if self.open:
-            metrics.REDIS_SHORT_CIRCUITED.inc()
-            raise CacheUnavailable(f"redis at {self.where} unavailable for "
-                                   f"{self.down_for():.1f} s; not tried until it answers")
+        self._short_circuit()
         try:
             result = operation()
         except redis.RedisError as exc:
             raise self.failed(exc) from None
         self.ok()
         return result
+
+    async def call_async(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """``call`` for an asyncio client's command."""
+        self._short_circuit()
+        try:
+            result = await operation()
+        except redis.RedisError as exc:
+            raise self.failed(exc) from None
+        self.ok()
+        return result
+
+    def _short_circuit(self) -> None:
+        if self.open:
+            metrics.REDIS_SHORT_CIRCUITED.inc()
+            raise CacheUnavailable(f"redis at {self.where} unavailable for "
+                                   f"{self.down_for():.1f} s; not tried until it answers")
 
     def down_for(self) -> float:
         """Seconds since the outage began; 0 while Redis is up."""
