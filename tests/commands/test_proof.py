@@ -195,6 +195,40 @@ def test_a_deferral_and_the_retry_that_delivers_are_one_record(
     Path("/tmp/proof-tlsmilter.txt").write_text(milter.serve.text())
 
 
+def test_a_reused_tls_connection_is_reported_with_its_tls(
+        lab: Lab, stack: tuple[LabPostfix, Milter], delivered: dict[str, list[Received]]) -> None:
+    # tlsmilter-secure keeps its TLS connections for reuse (through tlsproxy), one delivery
+    # at a time per destination: the later messages to ca-unauth.test go over the first
+    # one's connection, logged "TLS connection reused" and conn_use=2, 3.
+    postfix, milter = stack
+    one_at_a_time = "tlsmilter-secure_destination_concurrency_limit"
+    master = ["-c", str(postfix.config_dir)]
+    subprocess.run(["postconf", *master, "-M",
+                    "tlsproxy/unix=tlsproxy unix - - n - 0 tlsproxy"], check=True)
+    subprocess.run(["postconf", *master, "-P",
+                    "tlsmilter-secure/unix/smtp_tls_connection_reuse=yes"], check=True)
+    postfix.postconf(smtp_connection_cache_destinations="ca-unauth.test",
+                     defer_transports=TRANSPORT["encrypted"], **{one_at_a_time: "1"})
+    try:
+        for n in (1, 2, 3):
+            send(postfix, message(f"reuse{n}@ca-unauth.test", f"reuse {n}", PERSONAL))
+        postfix.postconf(defer_transports="")
+        log = wait_sent(postfix, ["reuse1@ca-unauth.test", "reuse2@ca-unauth.test",
+                                  "reuse3@ca-unauth.test"])
+    finally:
+        postfix.postconf(defer_transports="", smtp_connection_cache_destinations="",
+                         **{one_at_a_time: "$default_destination_concurrency_limit"})
+        subprocess.run(["postconf", *master, "-PX",
+                        "tlsmilter-secure/unix/smtp_tls_connection_reuse"], check=True)
+    assert re.search(r"tlsmilter-secure/smtp\[\d+\]: Trusted TLS connection reused to "
+                     r"mx1\.ca-unauth\.test", log), log[-3000:]
+    assert re.search(r"to=<reuse\d@ca-unauth\.test>, relay=\S+, conn_use=2, ", log)
+    done = proof("--json", *logs(postfix, milter))
+    found = [(r["tls"], r["tls_version"], r["problems"]) for record in records(done.stdout)
+             for r in record["recipients"] if r["recipient"].startswith("reuse")]
+    assert found == [("Trusted", "TLSv1.3", [])] * 3
+
+
 def test_a_misrouted_sensitive_message_is_flagged_and_fails_the_proof(
         lab: Lab, stack: tuple[LabPostfix, Milter], delivered: dict[str, list[Received]]) -> None:
     # The postmaster forgot milter_header_checks: accepted sensitive mail leaves through the
