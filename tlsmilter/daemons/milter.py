@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import Milter
 
@@ -57,6 +57,13 @@ FAIL_SAFE_REPLY = ("451", "4.3.0",
                    "it was not sent and will be retried")
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+@runtime_checkable
+class ReadsInBackground(Protocol):
+    """A backend whose cache is a server (Redis): it reads without probing in the background."""
+
+    def peek(self, domain: str) -> Future[tuple[State, Entry | None]]: ...
 
 # pymilter is untyped: give its reply codes a type once.
 CONTINUE: int = Milter.CONTINUE
@@ -187,8 +194,8 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
                  budget: WarmupBudget | None = None) -> None:
         self.assessments = assessments
         self.live = live
-        # With a backend that probes what end-of-message waits for (embedded): RCPT starts
-        # warm-up probes only within budget (issue 12). None: every RCPT may start one.
+        # RCPT starts warm-up probes only within budget (issue 12); past it a sensitive
+        # message has its domains probed, urgently, at end-of-message. None: every RCPT may.
         self.budget = budget
         self.internal = {h.lower(): h for h in INTERNAL_HEADERS}
         self._configure(settings, policies)
@@ -292,6 +299,8 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
                 self.budget.charge(client)
             return lookup
         metrics.WARMUP_DROPPED.labels(reason=spent).inc()
+        if isinstance(self.assessments, ReadsInBackground):  # Redis: RCPT never waits on it
+            return self.assessments.peek(domain)
         read: Future[tuple[State, Entry | None]] = Future()
         read.set_result(self.assessments.get(domain))  # the embedded cache: in memory
         return read

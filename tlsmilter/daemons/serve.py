@@ -100,11 +100,10 @@ def serve(settings: config.Config,
         log.info("shared cache on %s: run tlsmilter policy-server for Postfix's TLS policy "
                  "lookups, and tlsmilter worker for probes", describe(settings.redis))
     live = LiveConfig(settings)
-    # Warm-up budgets need a backend that probes what end-of-message waits for: embedded.
+    # Both backends probe, urgently, what end-of-message waits for: RCPT keeps to budgets.
     prober = settings.prober
     budget = WarmupBudget(prober.warmup_per_message, prober.warmup_per_client,
-                          prober.warmup_window) \
-        if isinstance(assessments, EmbeddedAssessments) else None
+                          prober.warmup_window)
     Milter.factory = lambda: TlsMilter(assessments, *live.current, live=live, budget=budget)
     Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE)
     Reloader(live, reread or (lambda: settings)).start()

@@ -241,7 +241,8 @@ class Worker:
             time.perf_counter() - started)
         await self.queue.announce(domain)
         await self.queue.finish(request, done=True)
-        log.info("assessed %s: %s", domain, assessment.get("level"))
+        # Debug: a flood of new domains must not flood the log (issue 12); metrics count.
+        log.debug("assessed %s: %s", domain, assessment.get("level"))
 
     async def _quietly(self, operation: Awaitable[object]) -> None:
         try:

@@ -16,18 +16,18 @@ outage, so a Redis that hangs costs one ``redis.timeout``, not one per recipient
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import redis
 
 from tlsmilter import config
 from tlsmilter.errors import CacheUnavailable
-from tlsmilter.store.base import Assessments, Entry, State, freshness, is_due
-from tlsmilter.store.recent import RecentEntries
+from tlsmilter.store.base import Assessments, Entry, State
 from tlsmilter.store.redis.cache import RedisCache
 from tlsmilter.store.redis.queue import ProbeRequests
 
@@ -38,6 +38,17 @@ LISTEN_TICK = 0.25  # seconds between the listener's looks at whether it should 
 LISTEN_RETRY = 1.0  # seconds between attempts to resubscribe while Redis is down
 LOOKUP_THREADS = 4  # background threads running the milter's lookups
 LOOKUPS_MAX = 1000  # lookups running or waiting for a thread; past it one fails at once
+
+
+def _now(read: Callable[[str], tuple[State, Entry | None]],
+         domain: str) -> Future[tuple[State, Entry | None]]:
+    """``read(domain)`` done right here, as a finished future (its result or its error)."""
+    future: Future[tuple[State, Entry | None]] = Future()
+    try:
+        future.set_result(read(domain))
+    except Exception as exc:  # the caller reads it where it needs the answer
+        future.set_exception(exc)
+    return future
 
 
 class SharedAssessments(Assessments):
@@ -62,7 +73,7 @@ class SharedAssessments(Assessments):
                                           daemon=True)
         self._lookups = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="tlsmilter-lookup")
         self._running: dict[str, Future[tuple[State, Entry | None]]] = {}
-        self.recent = RecentEntries()  # the policy server's reads, forgotten on a notice
+        self._peeks = 0  # reads ``peek`` started and not finished
 
     def start(self) -> None:
         self._listener.start()
@@ -99,31 +110,31 @@ class SharedAssessments(Assessments):
         return future
 
     async def lookup_async(self, domain: str) -> tuple[State, Entry | None]:
-        """``lookup`` with the asyncio client, from an entry read moments ago if any.
+        """``lookup`` in a thread: the blocking client must not hold up the event loop."""
+        return await asyncio.to_thread(self.lookup, domain)
 
-        A fresh entry read less than ``recent.TTL`` seconds ago (and not assessed anew since,
-        as the listener hears) answers without Redis, unless the breaker is open: during an
-        outage every lookup fails, as ``lookup`` does. The request to assess a domain (a miss,
-        stale or due) runs in a thread, the blocking client's; it is the rare case.
+    def peek(self, domain: str) -> Future[tuple[State, Entry | None]]:
+        """``get`` on a background thread: the cache read alone, no probe requested.
+
+        The milter's RCPT past its warm-up budget (issue 12); like ``prefetch`` it never
+        waits on Redis, and counts against the same bound.
         """
-        entry = self.recent.get(domain)
-        if entry is not None and not self.redis.health.open:
-            now = self.redis.now()
-            state = freshness(entry, now)
-            if state is State.HIT and not is_due(entry, now, self._refresh_before):
-                self.redis.count(state, entry, now)
-                return state, entry
-        generation = self.recent.generation
-        state, entry = await self.redis.get_async(domain)
-        if entry is not None:
-            self.recent.put(domain, entry, generation)
-        if state is not State.HIT or (
-                entry is not None and is_due(entry, self.redis.now(), self._refresh_before)):
-            await asyncio.to_thread(self._request, domain)
-        return state, entry
+        if self.redis.health.open:
+            return _now(self.get, domain)
+        with self._lock:
+            if len(self._running) + self._peeks >= LOOKUPS_MAX:
+                busy: Future[tuple[State, Entry | None]] = Future()
+                busy.set_exception(CacheUnavailable(
+                    f"{len(self._running) + self._peeks} redis lookups already waiting"))
+                return busy
+            self._peeks += 1
+            future = self._lookups.submit(self.get, domain)
+        future.add_done_callback(self._peeked)
+        return future
 
-    async def close_async(self) -> None:
-        await self.redis.close_async()
+    def _peeked(self, _done: Future[tuple[State, Entry | None]]) -> None:
+        with self._lock:
+            self._peeks -= 1
 
     def _lookup(self, domain: str) -> tuple[State, Entry | None]:
         try:
@@ -149,7 +160,12 @@ class SharedAssessments(Assessments):
         self.redis.client.close()
 
     def wait(self, domains: Iterable[str], timeout: float) -> None:
-        """Block until every domain has a usable assessment, or ``timeout``."""
+        """Block until every domain has a usable assessment, or ``timeout``.
+
+        A sensitive message waits: a domain not in the cache is queued again, urgently, so
+        the workers probe it before every warm-up request (issue 12), even if RCPT's
+        request waits among them or was never made (a warm-up budget spent, a full queue).
+        """
         pending = set(domains)
         if not pending:
             return
@@ -159,6 +175,11 @@ class SharedAssessments(Assessments):
                 self._waiters.setdefault(domain, set()).add(event)
         deadline = time.monotonic() + timeout
         try:
+            pending = {d for d in pending if self._missing(d)}
+            for domain in pending:
+                if time.monotonic() >= deadline:
+                    break
+                self._urgently(domain)
             while pending:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -175,6 +196,11 @@ class SharedAssessments(Assessments):
                         if not waiting:
                             del self._waiters[domain]
 
+    def _urgently(self, domain: str) -> None:
+        # Redis failing: nothing to wait for; the milter fails safe on its own read.
+        with contextlib.suppress(CacheUnavailable):
+            self.requests.request(domain, urgent=True)
+
     def _missing(self, domain: str) -> bool:
         try:
             state, _entry = self.redis.get(domain)
@@ -183,7 +209,6 @@ class SharedAssessments(Assessments):
         return state is State.MISS
 
     def _notify(self, domain: str) -> None:
-        self.recent.invalidate(domain)
         with self._lock:
             events = list(self._waiters.get(domain, ()))
         for event in events:
