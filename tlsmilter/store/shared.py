@@ -27,7 +27,8 @@ import redis
 
 from tlsmilter import config
 from tlsmilter.errors import CacheUnavailable
-from tlsmilter.store.base import Assessments, Entry, State
+from tlsmilter.store.base import Assessments, Entry, State, freshness, is_due
+from tlsmilter.store.recent import RecentEntries
 from tlsmilter.store.redis.cache import RedisCache
 from tlsmilter.store.redis.queue import ProbeRequests
 
@@ -73,6 +74,7 @@ class SharedAssessments(Assessments):
                                           daemon=True)
         self._lookups = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="tlsmilter-lookup")
         self._running: dict[str, Future[tuple[State, Entry | None]]] = {}
+        self.recent = RecentEntries()  # the policy server's reads, forgotten on a notice
         self._peeks = 0  # reads ``peek`` started and not finished
 
     def start(self) -> None:
@@ -109,10 +111,6 @@ class SharedAssessments(Assessments):
         future.add_done_callback(lambda done: self._forget(domain, done))
         return future
 
-    async def lookup_async(self, domain: str) -> tuple[State, Entry | None]:
-        """``lookup`` in a thread: the blocking client must not hold up the event loop."""
-        return await asyncio.to_thread(self.lookup, domain)
-
     def peek(self, domain: str) -> Future[tuple[State, Entry | None]]:
         """``get`` on a background thread: the cache read alone, no probe requested.
 
@@ -135,6 +133,33 @@ class SharedAssessments(Assessments):
     def _peeked(self, _done: Future[tuple[State, Entry | None]]) -> None:
         with self._lock:
             self._peeks -= 1
+
+    async def lookup_async(self, domain: str) -> tuple[State, Entry | None]:
+        """``lookup`` with the asyncio client, from an entry read moments ago if any.
+
+        A fresh entry read less than ``recent.TTL`` seconds ago (and not assessed anew since,
+        as the listener hears) answers without Redis, unless the breaker is open: during an
+        outage every lookup fails, as ``lookup`` does. The request to assess a domain (a miss,
+        stale or due) runs in a thread, the blocking client's; it is the rare case.
+        """
+        entry = self.recent.get(domain)
+        if entry is not None and not self.redis.health.open:
+            now = self.redis.now()
+            state = freshness(entry, now)
+            if state is State.HIT and not is_due(entry, now, self._refresh_before):
+                self.redis.count(state, entry, now)
+                return state, entry
+        generation = self.recent.generation
+        state, entry = await self.redis.get_async(domain)
+        if entry is not None:
+            self.recent.put(domain, entry, generation)
+        if state is not State.HIT or (
+                entry is not None and is_due(entry, self.redis.now(), self._refresh_before)):
+            await asyncio.to_thread(self._request, domain)
+        return state, entry
+
+    async def close_async(self) -> None:
+        await self.redis.close_async()
 
     def _lookup(self, domain: str) -> tuple[State, Entry | None]:
         try:
@@ -209,6 +234,7 @@ class SharedAssessments(Assessments):
         return state is State.MISS
 
     def _notify(self, domain: str) -> None:
+        self.recent.invalidate(domain)
         with self._lock:
             events = list(self._waiters.get(domain, ()))
         for event in events:
