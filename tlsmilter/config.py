@@ -137,7 +137,8 @@ class ProberSettings:
     reserved_slots: int = _opt(
         5,
         "Of the `concurrency` slots, this many only probe domains a sensitive message is "
-        "waiting for, so probes started ahead of time at RCPT cannot take them all.",
+        "waiting for, so probes started ahead of time at RCPT cannot take them all. On Redis: "
+        "of each worker's slots and of `worker.fleet_concurrency`.",
         lambda v: None if v >= 0 else "must be 0 or more",
     )
     queue_limit: int = _opt(
@@ -150,13 +151,13 @@ class ProberSettings:
     warmup_per_message: int = _opt(
         100,
         "New domains one message may have probed at RCPT; past it they are only probed if "
-        "the message turns out sensitive (at end-of-message). Embedded backend (`serve`).",
+        "the message turns out sensitive (at end-of-message). Both backends.",
         _positive,
     )
     warmup_per_client: int = _opt(
         2000,
         "New domains one client address may have probed at RCPT per `warmup_window`. "
-        "Embedded backend (`serve`).",
+        "Both backends.",
         _positive,
     )
     warmup_window: float = _opt(60.0, "Seconds over which `warmup_per_client` counts.",
@@ -411,8 +412,8 @@ class WorkerSettings:
 
     queue_max: int = _opt(
         10_000,
-        "Most domains waiting in the probe queue. Requests beyond it are dropped and "
-        "counted; the domain is asked for again at its next lookup.",
+        "Most domains waiting in each probe queue (warm-up and urgent). Requests beyond it "
+        "are dropped and counted; the domain is asked for again at its next lookup.",
         _positive,
     )
     claim_after: float = _opt(
