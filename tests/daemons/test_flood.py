@@ -92,7 +92,8 @@ def resolver(lab: Lab) -> Iterator[HangingResolver]:
         yield running
 
 
-def start_daemons(lab: Lab, workdir: Path, resolver: HangingResolver, prober: dict[str, Any],
+def start_daemons(lab: Lab, workdir: Path, resolver: HangingResolver,
+                  tables: dict[str, dict[str, Any]],
                   redis: LabRedis | None) -> list[daemons.Daemon]:
     """``serve``, and with ``redis`` a worker, on a Redis prefix of their own (empty)."""
     # A worker lets its running probes finish when stopped: with Redis, hanging probes end
@@ -101,7 +102,8 @@ def start_daemons(lab: Lab, workdir: Path, resolver: HangingResolver, prober: di
     config = daemons.write_config(
         workdir / "tlsmilter.toml", lab, workdir, redis_url=redis.url if redis else None,
         overrides={"milter": {"eom_wait": EOM_WAIT}, "log": {"level": "info"},
-                   "prober": {"resolver": resolver.address, **prober},
+                   "prober": {"resolver": resolver.address, **tables.get("prober", {})},
+                   "worker": tables.get("worker", {}),
                    "prober.timeouts": {"dns": budget, "domain": budget},
                    **({"redis": {"url": redis.url, "prefix": f"{workdir.name}:"}}
                       if redis else {})})
@@ -122,15 +124,17 @@ def lines(daemon: daemons.Daemon) -> int:
 
 
 @pytest.mark.parametrize("backend", ["embedded", "redis"])
-@pytest.mark.parametrize("prober", [
+@pytest.mark.parametrize("tables", [
     {},  # the default budgets: one message starts at most 100 warm-up probes
-    {"warmup_per_message": 100_000, "warmup_per_client": 100_000},  # priorities alone
+    # Priorities alone, and on Redis a probe queue of 100 that overflows.
+    {"prober": {"warmup_per_message": 100_000, "warmup_per_client": 100_000},
+     "worker": {"queue_max": 100}},
 ], ids=["budgets", "priorities"])
 def test_a_sensitive_verdict_is_not_delayed_by_5000_hanging_domains(
-        lab: Lab, tmp_path: Path, resolver: HangingResolver, prober: dict[str, Any],
+        lab: Lab, tmp_path: Path, resolver: HangingResolver, tables: dict[str, dict[str, Any]],
         backend: str, request: pytest.FixtureRequest) -> None:
     redis = request.getfixturevalue("redis_server") if backend == "redis" else None
-    running = start_daemons(lab, tmp_path, resolver, prober, redis)
+    running = start_daemons(lab, tmp_path, resolver, tables, redis)
     try:
         before = [lines(daemon) for daemon in running]
         sock = str(tmp_path / "milter.sock")
@@ -155,7 +159,8 @@ def test_a_sensitive_verdict_is_not_delayed_by_5000_hanging_domains(
         print(f"{backend}: sensitive verdict after the flood in {seconds:.2f} s")
 
         gained = [lines(daemon) - count for daemon, count in zip(running, before, strict=True)]
-        print(f"{backend}: log lines gained: {gained}")
+        print(f"{backend}: log lines gained: {gained}; 'queue full' lines: "
+              f"{[daemon.text().count('probe queue full') for daemon in running]}")
         for daemon, more in zip(running, gained, strict=True):
             log = daemon.text()
             assert "Traceback" not in log
