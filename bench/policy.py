@@ -200,6 +200,7 @@ def tlsmilter_servers(stack: contextlib.ExitStack, lab: Lab, workdir: Path, tag:
     env = dict(os.environ)
     if source is not None:
         env["PYTHONPATH"] = f"{source}:{env.get('PYTHONPATH', '')}"
+        env["TLSMILTER_SOURCE"] = str(source)
     overrides = {"log": {"level": "info"}}
     base = workdir / f"tlsmilter{tag}"
     (base / "serve").mkdir(parents=True)
@@ -221,12 +222,15 @@ def tlsmilter_servers(stack: contextlib.ExitStack, lab: Lab, workdir: Path, tag:
 
 def start_daemon(stack: contextlib.ExitStack, daemon: daemons.Daemon, env: dict[str, str],
                  name: str, sock: Path | None) -> Server:
-    saved = dict(os.environ)
+    saved, cwd = dict(os.environ), Path.cwd()
     os.environ.clear()
     os.environ.update(env)  # Daemon.start passes the bench's environment on
+    # ``python -m`` puts the working directory first on sys.path, before PYTHONPATH.
+    os.chdir(env.get("TLSMILTER_SOURCE", cwd))
     try:
         daemon.start()
     finally:
+        os.chdir(cwd)
         os.environ.clear()
         os.environ.update(saved)
     stack.callback(daemon.stop)
@@ -238,8 +242,10 @@ def install_peer(venv: Path, version: str) -> Path:
     daemon = venv / "bin" / "mta-sts-daemon"
     if not daemon.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet",
-                        f"{PEER}=={version}"], check=True)
+        pip = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet",
+                              f"{PEER}=={version}"], capture_output=True, text=True)
+        if pip.returncode:
+            raise SystemExit(f"pip install {PEER}=={version} failed:\n{pip.stderr[-2000:]}")
     return daemon
 
 
@@ -312,7 +318,7 @@ def report(servers: list[Server], args: argparse.Namespace) -> None:
 
 
 def load() -> str:
-    return Path("/proc/loadavg").read_text().split(" 1", 1)[0].strip()
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def main(argv: list[str] | None = None) -> int:
