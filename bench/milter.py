@@ -117,8 +117,45 @@ def direct_message(domains: Sequence[str], index: int, sensitive: bool) -> Messa
     return Message(rcpts, headers(sensitive))
 
 
+# --marking (issue 15): every message carries a folded Purview msip_labels header, as Outlook
+# writes it; sensitive mail is marked by a label the config maps (to personal, like the header
+# it replaces), normal mail by one it does not; the config also has many label, keyword and
+# sender rules that never match, so the bench pays for matching them.
+MARKING = {"on": False}
+TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+MAPPED_LABEL = "f42aa342-8706-4288-bd11-ebb85995028c"
+GENERAL_LABEL = "1a19d03a-48bc-4359-8038-5b5f6d5847c3"
+
+
+def msip_labels(guid: str, name: str) -> str:
+    fields = ["Enabled=true", "SetDate=2024-03-01T09:12:44Z", "Method=Standard", f"Name={name}",
+              f"SiteId={TENANT}", "ActionId=8e2bd3c1-27e8-4ad4-9b8e-5f0e4fe2f7a1",
+              "ContentBits=0"]
+    return ";\n ".join(f"MSIP_Label_{guid}_{field}" for field in fields)
+
+
+def marking_config(domains: Sequence[str]) -> str:
+    """TOML tables for --marking: 200 labels, 20 keywords, 100 sender rules, and overrides:
+    ``require encrypted`` (what the policy needs anyway) on every recipient domain, so each
+    message applies one per domain, and 100 ``deny`` on other domains."""
+    labels = [f'"{MAPPED_LABEL}@{TENANT}" = "personal"'] + [
+        f'"{i:08x}-0000-4000-8000-{i:012x}" = "confidential"' for i in range(199)]
+    keywords = [f'"[kw{i}]" = "private"' for i in range(20)]
+    senders = [f'"hr{i}.example.org" = "personal"' for i in range(100)]
+    overrides = [f'[overrides.domains."{d}"]\nlevel = "encrypted"\nreason = "bench"'
+                 for d in domains]
+    overrides += [f'[overrides.domains."denied{i}.example"]\naction = "deny"\nreason = "bench"'
+                  for i in range(100)]
+    return "\n".join(["[sensitivity]", 'subject_match = "anywhere"',
+                      "[sensitivity.labels]", *labels, "[sensitivity.subject_keywords]",
+                      *keywords, "[sensitivity.senders]", *senders, *overrides, ""])
+
+
 def headers(sensitive: bool) -> tuple[tuple[str, str], ...]:
-    marked = (("X-Sensitivity", SENSITIVITY),) if sensitive else ()
+    marked: tuple[tuple[str, str], ...] = (("X-Sensitivity", SENSITIVITY),) if sensitive else ()
+    if MARKING["on"]:
+        marked = (("msip_labels", msip_labels(MAPPED_LABEL, "Personal") if sensitive
+                   else msip_labels(GENERAL_LABEL, "General")),)
     return (("From", f"<{mail.SENDER}>"), ("To", "<undisclosed-recipients:;>"),
             ("Subject", "tlsmilter benchmark"), *marked,
             ("Message-Id", "<bench@client.lab.invalid>"))
@@ -655,6 +692,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="record py-spy profiles (collapsed stacks) of the milters in "
                         "round 1 and the 8-connection direct runs into DIR")
+    parser.add_argument("--marking", action="store_true",
+                        help="mark sensitive mail with a Purview label instead of the header, "
+                        "and configure 200 labels, 20 Subject keywords, 100 sender rules and "
+                        "an override for every recipient domain and 100 more")
     parser.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -676,6 +717,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             mta = Mta(workdir, lab, names)
             config_file = workdir / "tlsmilter.toml"
             tlsmilter_config(config_file, mta.tlsmilter_sockets, lab)
+            if args.marking:
+                MARKING["on"] = True
+                config_file.write_text(config_file.read_text() + marking_config(names))
             tls = Daemon("tlsmilter serve", [sys.executable, "-m", "tlsmilter.cli", "--config",
                                              str(config_file), "serve"],
                          workdir / "tlsmilter.log", mta.tlsmilter_sockets / "policy.sock")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import tomllib
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tlsmilter import config
+from tlsmilter import cli, config
 from tlsmilter.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,3 +135,42 @@ def test_the_documented_m365_example_is_valid() -> None:
     cfg = config.from_mapping(tomllib.loads(toml))
     assert cfg.sensitivity.labels["f42aa342-8706-4288-bd11-ebb85995028c"] == "confidential"
     assert cfg.sensitivity.senders == {"hr.example.org": "personal"}
+
+
+@pytest.mark.parametrize(
+    ("domains", "expected"),
+    [
+        ({"m.example": {"action": "require", "level": "dane"}},
+         "overrides.domains.m.example.reason: a reason is required"),
+        ({"m.example": {"reason": " "}}, "a reason is required"),
+        ({"m.example": {"action": "trust", "reason": "r"}}, "expected one of 'require', 'deny'"),
+        ({"m.example": {"level": "none", "reason": "r"}}, "level: expected one of"),
+        ({"m.example": {"reason": "r", "expires": "31-12-2026"}}, "is not a date as YYYY-MM-DD"),
+        ({"M.Example.": {"reason": "r"}, "m.example": {"reason": "r"}}, "duplicate of"),
+        ({"bücher.example": {"reason": "r"}, "xn--bcher-kva.example": {"reason": "r"}},
+         "duplicate of"),
+        ({"not a domain": {"reason": "r"}}, "overrides.domains.not a domain: not a domain"),
+    ],
+)
+def test_overrides_are_checked(domains: dict[str, object], expected: str) -> None:
+    (issue,) = issues_of({"overrides": {"domains": domains}})
+    assert expected in issue
+
+
+def test_an_expired_override_loads_but_config_check_reports_it() -> None:
+    cfg = config.from_mapping({"overrides": {"domains": {
+        "old.example": {"action": "deny", "reason": "r", "expires": "2026-12-01"},
+        "new.example": {"reason": "r", "expires": "2026-12-02"}}}})
+    (issue,) = config.expiry_issues(cfg, datetime.date(2026, 12, 2))
+    assert str(issue).startswith("overrides.domains.old.example.expires: expired on 2026-12-01")
+
+
+def test_config_check_exits_1_on_an_expired_override(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "t.toml"
+    path.write_text('[overrides.domains."old.example"]\naction = "deny"\nreason = "gone"\n'
+                    'expires = "2020-01-01"\n')
+    assert cli.main(["config", "check", str(path)]) == 1
+    assert "expired on 2020-01-01" in capsys.readouterr().err
+    path.write_text('[overrides.domains."old.example"]\naction = "deny"\nreason = "gone"\n')
+    assert cli.main(["config", "check", str(path)]) == 0

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import json
 import logging
 import sys
@@ -37,7 +38,10 @@ Handler = Callable[[argparse.Namespace], int]
 def _config_check(args: argparse.Namespace) -> int:
     path = config.resolve_path(args.file or args.config)
     try:
-        config.load(path)
+        loaded = config.load(path)
+        expired = config.expiry_issues(loaded, datetime.datetime.now(datetime.UTC).date())
+        if expired:  # the daemons start with them and ignore them; the check says so
+            raise ConfigError(str(path), expired)
     except ConfigError as exc:
         print(f"{exc.source}: invalid", file=sys.stderr)
         for issue in exc.issues:

@@ -9,6 +9,7 @@ all at once.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import enum
 import ipaddress
@@ -21,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tlsmilter.core.domains import InvalidDomain, normalize_domain
 from tlsmilter.core.labels import is_guid
+from tlsmilter.core.overrides import parse_date
 from tlsmilter.core.subject import Match as SubjectMatch
 from tlsmilter.core.verdict import MAX_EXTRA_LINES
 from tlsmilter.errors import ConfigError, ConfigIssue
@@ -316,6 +319,44 @@ class SensitivitySettings:
         False, "Sender rules also read the `From:` header, not only the envelope sender.")
 
 
+class OverrideAction(enum.Enum):
+    REQUIRE = "require"
+    DENY = "deny"
+
+
+def _expiry(value: str) -> str | None:
+    try:
+        parse_date(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@dataclass(frozen=True)
+class OverrideSettings:
+    """One recipient domain's override (`[overrides.domains."DOMAIN"]`)."""
+
+    action: OverrideAction = _opt(
+        OverrideAction.REQUIRE, '`"require"`: sensitive mail to the domain needs at least '
+        '`level`, whatever its policy; `"deny"`: sensitive mail never goes there.')
+    level: LevelName = _opt(LevelName.DANE, "The level `require` demands: encrypted, "
+                            "verified or dane.")
+    reason: str = _opt("", "Why (mandatory): shown in the log, the decision line and the "
+                       "sender's reply.")
+    expires: str = _opt("", "Last day it applies, as `YYYY-MM-DD` (UTC); empty: no end.",
+                        _expiry)
+
+
+@dataclass(frozen=True)
+class OverridesSettings:
+    """Per-domain overrides postmasters set."""
+
+    warn_days: int = _opt(14, "Days ahead of an override's expiry from which applying it logs "
+                          "a warning (once per domain and process).",
+                          lambda v: None if v >= 0 else "must be 0 or more")
+    domains: dict[str, OverrideSettings] = _opt({}, "Recipient domain to its override.")
+
+
 class CacheBackend(enum.Enum):
     MEMORY = "memory"
     REDIS = "redis"
@@ -465,6 +506,7 @@ class Config:
     milter: MilterSettings = field(default_factory=MilterSettings)
     sensitivity: SensitivitySettings = field(default_factory=SensitivitySettings)
     policies: dict[str, PolicySettings] = field(default_factory=lambda: dict(DEFAULT_POLICIES))
+    overrides: OverridesSettings = field(default_factory=OverridesSettings)
     prober: ProberSettings = field(default_factory=ProberSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     policy_server: PolicyServerSettings = field(default_factory=PolicyServerSettings)
@@ -532,6 +574,39 @@ def _cross_check(config: Config) -> list[ConfigIssue]:
     if not config.sensitivity.headers:
         issues.append(ConfigIssue("sensitivity.headers", "at least one header is needed"))
     issues.extend(_check_markers(config))
+    issues.extend(_check_overrides(config))
+    return issues
+
+
+def _check_overrides(config: Config) -> list[ConfigIssue]:
+    """Override domains must be valid and given once (case, trailing dot, IDN aside)."""
+    issues = []
+    seen: dict[str, str] = {}
+    for domain, override in config.overrides.domains.items():
+        dotted = f"overrides.domains.{domain}"
+        if not override.reason.strip():
+            issues.append(ConfigIssue(f"{dotted}.reason", "a reason is required"))
+        try:
+            name = normalize_domain(domain)
+        except InvalidDomain as exc:
+            issues.append(ConfigIssue(dotted, f"not a domain: {exc.why}"))
+            continue
+        if name in seen:
+            issues.append(ConfigIssue(dotted, f"duplicate of {seen[name]!r}"))
+        seen.setdefault(name, domain)
+    return issues
+
+
+def expiry_issues(config: Config, today: datetime.date) -> list[ConfigIssue]:
+    """Overrides past their expiry date: no longer applied, so `config check` flags them
+    (a daemon still starts with them, and ignores them)."""
+    issues = []
+    for domain, override in config.overrides.domains.items():
+        expires = parse_date(override.expires)
+        if expires is not None and today > expires:
+            issues.append(ConfigIssue(f"overrides.domains.{domain}.expires",
+                                      f"expired on {expires.isoformat()}: no longer applied; "
+                                      "remove it or set a new date"))
     return issues
 
 

@@ -67,6 +67,12 @@ REFUSED_DOMAINS = Counter("tlsmilter_refused_domains_total", "Recipient domains 
                           registry=REGISTRY)
 FAIL_SAFE = Counter("tlsmilter_fail_safe_total", "Faults handled by the fail-safe rules, by "
                     "reason.", ["reason"], registry=REGISTRY)
+OVERRIDES_APPLIED = Counter("tlsmilter_overrides_applied_total", "Recipient domains of "
+                            "sensitive messages a per-domain override applied to, by kind.",
+                            ["kind"], registry=REGISTRY)
+OVERRIDES_EXPIRED = Counter("tlsmilter_overrides_expired_total", "Per-domain overrides found "
+                            "past their expiry date and no longer applied (once per domain "
+                            "and process).", registry=REGISTRY)
 
 # cache (instrumented by the cache backends)
 CACHE_REQUESTS = Counter("tlsmilter_cache_requests_total", "Cache lookups by backend and "

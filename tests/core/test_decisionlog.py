@@ -59,3 +59,15 @@ def test_a_line_from_before_triggers_still_parses() -> None:
     assert decision is not None
     assert (decision.trigger, decision.verdict, decision.failing) == ("", "reject", ("a.test",))
     assert decision.reasons == {"a.test": "no_starttls"}
+
+
+def test_overrides_are_written_and_read_back_bounded() -> None:
+    statuses = [DomainStatus(f"d{i}.test", Level.DANE) for i in range(30)]
+    line = format_decision("4Q1", "private", statuses, decide(STRICT, statuses), {}, "header",
+                           {f"d{i}.test": "require-dane" for i in range(30)})
+    decision = parse(line)
+    assert decision is not None and decision.verdict == "accept"
+    assert len(decision.overrides) == 20
+    assert set(decision.overrides.values()) == {"require-dane"}
+    assert parse(format_decision("4Q1", "p", statuses, decide(STRICT, statuses), {})
+                 ).overrides == {}  # type: ignore[union-attr]

@@ -1,13 +1,17 @@
-"""End to end, each way of marking mail (issue 15): the lab's real Postfix set up from contrib,
-``tlsmilter serve`` as a process, mail sent over SMTP as Outlook and people write it.
+"""End to end, each way of marking mail and per-domain overrides (issue 15): the lab's real
+Postfix set up from contrib, ``tlsmilter serve`` as a process, mail sent over SMTP as Outlook
+and people write it.
 
 Each trigger is refused to a domain without STARTTLS (``plain.test``) and accepted and routed
-by its required level to a domain with verified TLS (``dnssec-ca.test``). The embedded backend
-only: the triggers are decided in the milter, the same over either store (test_e2e runs both).
+by its required level to a domain with verified TLS (``dnssec-ca.test``). Overrides: `require`
+refuses a verified domain and routes a DANE one to the DANE transport, `deny` refuses a DANE
+domain, an expired one no longer applies. The embedded backend only: all of it is decided in
+the milter, the same over either store (test_e2e runs both).
 """
 
 from __future__ import annotations
 
+import datetime
 import re
 import shutil
 import smtplib
@@ -42,6 +46,23 @@ MARKING = f'''
 
 [sensitivity.senders]
 "{HR}" = "personal"
+
+[overrides.domains."dnssec-tls12.test"]
+level = "dane"
+reason = "ministry requires DANE"
+
+[overrides.domains."dane-ee.test"]
+level = "dane"
+reason = "ministry requires DANE"
+
+[overrides.domains."dane-full.test"]
+action = "deny"
+reason = "contract ended, use the portal"
+
+[overrides.domains."cname-mx.test"]
+action = "deny"
+reason = "was blocked until yesterday"
+expires = "{(datetime.datetime.now(datetime.UTC).date() - datetime.timedelta(days=1))}"
 '''
 
 
@@ -153,3 +174,53 @@ def test_unmarked_mail_and_an_unconfigured_label_pass_to_a_weak_domain(
     assert received.tls_version is None
     assert b"X-TLSMilter" not in received.data
     assert b"Subject: payslips [secure] later" in received.data
+
+
+@pytest.mark.parametrize(
+    ("domain", "label", "why"),
+    [("dnssec-tls12.test", "require-dane", "dnssec-tls12.test: cannot receive mail securely "
+      "enough: assessed verified; this domain requires dane (ministry requires DANE)"),
+     ("dane-full.test", "deny", "dane-full.test: cannot receive mail securely enough: "
+      "sensitive mail may not go there (contract ended, use the portal)")],
+)
+def test_require_and_deny_overrides_refuse_what_the_policy_allows(
+        stack: tuple[LabPostfix, Daemon], domain: str, label: str, why: str) -> None:
+    # Both domains are good enough for "private" (verified) without the override.
+    postfix, serve = stack
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        submit(postfix, SENDER, f"u@{domain}", "overridden", "X-Sensitivity: private\r\n")
+    assert refused.value.smtp_code == 550
+    assert why in " ".join(refused.value.smtp_error.decode().split())
+    decided = [d for d in map(parse, serve.decisions()) if d and d.failing == (domain,)]
+    assert decided, serve.decisions()[-3:]
+    assert decided[-1].overrides == {domain: label}
+    assert decided[-1].reasons == {domain: f"override_{label.split('-')[0]}"}
+
+
+def test_a_require_override_routes_to_its_level(
+        lab: Lab, stack: tuple[LabPostfix, Daemon]) -> None:
+    # Personal mail needs only encrypted; the override sends it by the DANE transport, where
+    # the policy server's dane map enforces DANE at delivery.
+    postfix, serve = stack
+    server = lab.server("dane-ee")
+    before = len(server.messages)
+    submit(postfix, SENDER, "u@dane-ee.test", "needs dane", "X-Sensitivity: personal\r\n")
+    (received,) = server.wait_for_messages(before + 1, timeout=30)[before:]
+    data = received.data.decode()
+    assert "X-TLSMilter-Route: dane" in data
+    assert "overrides=dane-ee.test:require-dane" in data
+    log = wait_log(postfix, r"postfix/tlsmilter-dane/smtp\[\d+\]: .*to=<u@dane-ee\.test>.*"
+                            r"status=sent")
+    assert re.search(r"Verified TLS connection established to mx1\.dane-ee\.test", log)
+    assert any(d and d.overrides == {"dane-ee.test": "require-dane"} and d.verdict == "accept"
+               for d in map(parse, serve.decisions()))
+
+
+def test_an_expired_override_no_longer_applies(stack: tuple[LabPostfix, Daemon]) -> None:
+    postfix, serve = stack
+    submit(postfix, SENDER, "u@cname-mx.test", "deny expired", "X-Sensitivity: private\r\n")
+    wait_log(postfix, r"postfix/tlsmilter-verified/smtp\[\d+\]: .*to=<u@cname-mx\.test>.*"
+                      r"status=sent")
+    last = [d for d in map(parse, serve.decisions()) if d and "cname-mx.test" in d.levels][-1]
+    assert (last.verdict, last.overrides) == ("accept", {})
+    assert serve.text().count("override for cname-mx.test (deny) expired on") == 1

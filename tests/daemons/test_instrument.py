@@ -21,7 +21,7 @@ from tlsmilter.store.base import State
 # Label names allowed anywhere: each has a closed set of values. A domain, address, host or
 # IP label would be unbounded.
 BOUNDED_LABELS = {"version", "sensitivity", "verdict", "level", "stage", "reason", "backend",
-                  "result", "op", "check", "answer", "le"}
+                  "result", "op", "check", "answer", "le", "kind"}
 
 
 def families() -> dict[str, list[tuple[str, dict[str, str]]]]:
@@ -57,6 +57,9 @@ def test_contract_metrics_exist_with_every_label_value_at_zero() -> None:
                  "tlsmilter_milter_sessions_total", "tlsmilter_eom_wait_seconds_count"):
         assert has(name), name
     assert has("tlsmilter_build_info", version=tlsmilter.__version__)
+    for kind in ("require", "deny"):  # an override's kind: the config's two actions
+        assert has("tlsmilter_overrides_applied_total", kind=kind)
+    assert has("tlsmilter_overrides_expired_total")
     for policy in (*config.Config().policies, "normal"):
         assert has("tlsmilter_messages_total", sensitivity=policy, verdict="reject")
     for answer in PolicyAnswer:

@@ -43,9 +43,10 @@ def printable(text: str, limit: int = MAX_LOG_VALUE) -> str:
 
 def format_decision(queue_id: str, sensitivity: str, statuses: Sequence[DomainStatus],
                     verdict: Verdict, reason_codes: Mapping[str, str],
-                    trigger: str = "") -> str:
+                    trigger: str = "", overrides: Mapping[str, str] | None = None) -> str:
     """The line for a decided message; ``reason_codes`` maps failing domains to codes,
-    ``trigger`` names what made it sensitive (``core.sensitivity.Trigger``).
+    ``trigger`` names what made it sensitive (``core.sensitivity.Trigger``), ``overrides``
+    maps recipient domains to the override that applied (``require-dane``, ``deny``).
 
     Each list names at most ``MAX_LOGGED_DOMAINS`` domains (the failing ones first in
     ``domains=``); ``omitted=`` then says how many recipient domains went unnamed.
@@ -64,10 +65,13 @@ def format_decision(queue_id: str, sensitivity: str, statuses: Sequence[DomainSt
     reasons = ",".join(f"{printable(d.domain)}:{reason_codes.get(d.domain, UNKNOWN)}"
                        for d in shown_failing) or "-"
     omitted = f" omitted={len(statuses) - len(shown)}" if len(statuses) > len(shown) else ""
+    named = list((overrides or {}).items())[:MAX_LOGGED_DOMAINS]
+    overridden = " overrides=" + ",".join(f"{printable(d)}:{printable(o, 32)}"
+                                          for d, o in named) if named else ""
     return (f"{MARK}{queue_id} sensitivity={printable(sensitivity)}{_trigger(trigger)} "
             f"policy={verdict.policy.name} require={verdict.policy.require.value} "
             f"verdict={verdict.action.value}{would_be} domains={levels} failing={failing} "
-            f"reasons={reasons}{omitted}")
+            f"reasons={reasons}{omitted}{overridden}")
 
 
 def format_fail_safe(queue_id: str, sensitivity: str, trigger: str = "") -> str:
@@ -96,6 +100,7 @@ class Decision:
     reasons: dict[str, str] = field(default_factory=dict)  # failing domain -> reason code
     internal_error: bool = False
     omitted: int = 0  # recipient domains the line did not name (it names at most 20)
+    overrides: dict[str, str] = field(default_factory=dict)  # domain -> "require-dane", "deny"
 
     @property
     def refused(self) -> bool:
@@ -121,7 +126,8 @@ def parse(line: str) -> Decision | None:
         require=fields.get("require", ""), would_be=fields.get("would_be", ""),
         levels=_pairs(fields.get("domains", "-")), failing=failing, reasons=reasons,
         internal_error=fields.get("reason") == INTERNAL_ERROR,
-        omitted=int(fields["omitted"]) if fields.get("omitted", "").isdigit() else 0)
+        omitted=int(fields["omitted"]) if fields.get("omitted", "").isdigit() else 0,
+        overrides=_pairs(fields.get("overrides", "-")))
 
 
 def _pairs(text: str) -> dict[str, str]:

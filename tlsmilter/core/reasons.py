@@ -14,7 +14,9 @@ INVALID_DOMAIN = "invalid_domain"  # an address literal or a name that is not a 
 NOT_ASSESSED = "not_assessed"  # no assessment by the end of the end-of-message wait
 LEVEL_TOO_LOW = "level_too_low"  # assessed without problems, but below what the policy needs
 OTHER = "other"  # a code this version does not know (an entry written by another version)
-MILTER_REASONS = (INVALID_DOMAIN, NOT_ASSESSED, LEVEL_TOO_LOW)
+OVERRIDE_REQUIRE = "override_require"  # below the level a `require` override sets
+OVERRIDE_DENY = "override_deny"  # a `deny` override: never sensitive mail to this domain
+MILTER_REASONS = (INVALID_DOMAIN, NOT_ASSESSED, LEVEL_TOO_LOW, OVERRIDE_REQUIRE, OVERRIDE_DENY)
 
 
 def first_problem(assessment: Mapping[str, Any]) -> tuple[str, str]:

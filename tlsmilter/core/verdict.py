@@ -53,6 +53,16 @@ class DomainStatus:
     domain: str
     level: Level | None  # None: unknown (not assessed in time, or a temporary failure)
     why: str = ""  # plain-language reason for people, e.g. "mx1 does not offer STARTTLS"
+    floor: Level | None = None  # a level this domain needs whatever the policy (an override)
+    denied: bool = False  # sensitive mail may never go there (an override)
+
+    def below(self, require: Level) -> bool:
+        """Insecure for a policy requiring ``require``: denied, or assessed below it or below
+        the domain's own floor."""
+        if self.denied:
+            return True
+        needed = require if self.floor is None or self.floor < require else self.floor
+        return self.level is not None and self.level < needed
 
 
 @dataclass(frozen=True)
@@ -76,8 +86,8 @@ TEMPFAIL_UNKNOWN_CODES = ("451", "4.4.3")
 def decide(policy: Policy, domains: Sequence[DomainStatus], *, monitor: bool = False,
            sensitivity: str = "") -> Verdict:
     """One verdict for the whole message; names every failing domain in the reply."""
-    insecure = tuple(d for d in domains if d.level is not None and d.level < policy.require)
-    unknown = tuple(d for d in domains if d.level is None)
+    insecure = tuple(d for d in domains if d.below(policy.require))
+    unknown = tuple(d for d in domains if d.level is None and not d.denied)
     candidates = [Action.ACCEPT]
     if insecure:
         candidates.append(policy.on_insecure)
@@ -137,8 +147,8 @@ MAX_TAG_DOMAINS = 20  # domains named in a header tlsmilter adds; the rest are c
 
 def tag_text(verdict: Verdict) -> str:
     """The tag header's value: insecure and unknown domains, each named as such."""
-    insecure = [d.domain for d in verdict.failing if d.level is not None]
-    unknown = [d.domain for d in verdict.failing if d.level is None]
+    insecure = [d.domain for d in verdict.failing if d.level is not None or d.denied]
+    unknown = [d.domain for d in verdict.failing if d.level is None and not d.denied]
     parts = [f"{label}: {domain_list(names)}"
              for label, names in (("insecure", insecure), ("unknown", unknown)) if names]
     would = f" (would {verdict.would_be.value})" if verdict.would_be else ""

@@ -18,6 +18,7 @@ from tlsmilter.assess.model import Code
 from tlsmilter.commands.proof import ProofResult
 from tlsmilter.core.delivery import PolicyAnswer
 from tlsmilter.core.levels import UNKNOWN, Level
+from tlsmilter.core.overrides import Kind as OverrideKind
 from tlsmilter.core.reasons import MILTER_REASONS, OTHER
 from tlsmilter.core.verdict import Action
 from tlsmilter.errors import TlsmilterError
@@ -60,6 +61,8 @@ def init_labels(settings: config.Config | None = None) -> None:
         metrics.FAIL_SAFE.labels(reason=reason.value)
     for code in REFUSAL_REASONS:
         metrics.REFUSED_DOMAINS.labels(reason=code)
+    for kind in OverrideKind:
+        metrics.OVERRIDES_APPLIED.labels(kind=kind.value)
     for backend in CACHE_BACKENDS:
         for result in CACHE_RESULTS:
             metrics.CACHE_REQUESTS.labels(backend=backend, result=result)

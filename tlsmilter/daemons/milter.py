@@ -7,8 +7,10 @@ Headers tlsmilter adds are stripped from every message if a sender forged them.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -24,7 +26,16 @@ from tlsmilter.core.domains import InvalidDomain, normalize_domain
 from tlsmilter.core.labels import HEADER as LABELS_HEADER
 from tlsmilter.core.labels import LabelRules
 from tlsmilter.core.levels import UNKNOWN, Level
-from tlsmilter.core.reasons import INVALID_DOMAIN, LEVEL_TOO_LOW, NOT_ASSESSED, first_problem
+from tlsmilter.core.overrides import Kind, Override, parse_date
+from tlsmilter.core.overrides import apply as apply_override
+from tlsmilter.core.reasons import (
+    INVALID_DOMAIN,
+    LEVEL_TOO_LOW,
+    NOT_ASSESSED,
+    OVERRIDE_DENY,
+    OVERRIDE_REQUIRE,
+    first_problem,
+)
 from tlsmilter.core.safetext import cap
 from tlsmilter.core.sensitivity import Facts, Marking, Rules, classify
 from tlsmilter.core.verdict import (
@@ -91,6 +102,52 @@ def rules_from(settings: config.Config) -> Rules:
         keywords=subject.KeywordRules.build(sens.subject_keywords, sens.subject_match),
         senders=senders.SenderRules.build(sens.senders),
         strip_keyword=sens.strip_subject_keyword, from_header=sens.sender_from_header)
+
+
+def overrides_from(settings: config.Config) -> dict[str, Override]:
+    """The configured per-domain overrides, by normalised domain (the config check made sure
+    every domain and date is valid)."""
+    return {normalize_domain(domain): Override(
+                normalize_domain(domain), Kind(o.action.value), Level(o.level.value), o.reason,
+                parse_date(o.expires))
+            for domain, o in settings.overrides.domains.items()}
+
+
+class Compiled:
+    """What one configuration compiles to, shared by every connection that uses it: the
+    marking rules, the overrides, and which expiries were already logged (once per domain)."""
+
+    def __init__(self, settings: config.Config) -> None:
+        self.settings = settings
+        self.rules = rules_from(settings)
+        self.label_rules = bool(self.rules.labels.by_guid or self.rules.labels.by_name)
+        self.overrides = overrides_from(settings)
+        self.warn_days = settings.overrides.warn_days
+        self.noticed: set[tuple[str, str]] = set()  # (domain, "expired" | "expiring")
+        self._lock = threading.Lock()
+
+    def first_notice(self, domain: str, what: str) -> bool:
+        """True the first time ``what`` is noticed of ``domain``'s override."""
+        with self._lock:
+            if (domain, what) in self.noticed:
+                return False
+            self.noticed.add((domain, what))
+            return True
+
+
+_COMPILED: list[Compiled] = []  # the latest few configurations (a reload makes a new one)
+_COMPILED_LOCK = threading.Lock()
+
+
+def compiled(settings: config.Config) -> Compiled:
+    """``settings`` compiled, once per configuration object."""
+    with _COMPILED_LOCK:
+        for known in _COMPILED:
+            if known.settings is settings:
+                return known
+        made = Compiled(settings)
+        _COMPILED[:] = [made, *_COMPILED[:3]]
+        return made
 
 
 class LiveConfig:
@@ -229,8 +286,9 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
 
     def _configure(self, settings: config.Config, policies: dict[str, Policy]) -> None:
         if getattr(self, "settings", None) is not settings:  # compiled once per (re)load
-            self.rules = rules_from(settings)
-            self.label_rules = bool(self.rules.labels.by_guid or self.rules.labels.by_name)
+            self.compiled = compiled(settings)
+            self.rules = self.compiled.rules
+            self.label_rules = self.compiled.label_rules
         self.settings = settings
         self.policies = policies
         self.watched = {h.lower() for h in settings.sensitivity.headers}
@@ -361,11 +419,11 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             log.warning("queue_id=%s an earlier callback failed", queue_id)
             return self._fail(queue_id, policy.name, sensitive=True, trigger=trigger)
         try:
-            statuses = self._statuses(policy)
+            statuses, applied = self._overridden(self._statuses(policy), policy)
             verdict = decide(policy, statuses, monitor=self.settings.milter.monitor,
                              sensitivity=marking.value)
-            self._log(queue_id, marking, statuses, verdict)
-            result = self._apply(verdict, statuses, marking)
+            self._log(queue_id, marking, statuses, verdict, applied)
+            result = self._apply(verdict, statuses, marking, applied)
         except CacheUnavailable as exc:  # expected while Redis is down: no traceback
             log.warning("queue_id=%s %s", queue_id, exc)
             instrument.fail_safe(FailSafe.CACHE_UNAVAILABLE)
@@ -461,6 +519,53 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             codes[domain] = code or (UNKNOWN if level is None else LEVEL_TOO_LOW)
         return statuses
 
+    def _overridden(self, statuses: list[DomainStatus], policy: Policy
+                    ) -> tuple[list[DomainStatus], dict[str, Override]]:
+        """``statuses`` with the per-domain overrides applied, and the overrides that were.
+
+        An override past its expiry date no longer applies: that is logged and counted once
+        per domain and process, as is applying one within ``overrides.warn_days`` of it.
+        """
+        overrides = self.compiled.overrides
+        if not overrides:
+            return statuses, {}
+        today = datetime.datetime.now(datetime.UTC).date()
+        applied: dict[str, Override] = {}
+        result = []
+        for status in statuses:
+            override = overrides.get(status.domain)
+            if override is None:
+                result.append(status)
+                continue
+            if override.expired(today):
+                self._notice_expiry(override, "expired")
+                result.append(status)
+                continue
+            if override.expiring(today, self.compiled.warn_days):
+                self._notice_expiry(override, "expiring")
+            overridden = apply_override(status, override)
+            if overridden.below(policy.require) and not status.below(policy.require):
+                self.msg.reason_codes[status.domain] = (
+                    OVERRIDE_DENY if override.kind is Kind.DENY else OVERRIDE_REQUIRE)
+            elif override.kind is Kind.DENY:
+                self.msg.reason_codes[status.domain] = OVERRIDE_DENY
+            applied[status.domain] = override
+            metrics.OVERRIDES_APPLIED.labels(kind=override.kind.value).inc()
+            result.append(overridden)
+        return result, applied
+
+    def _notice_expiry(self, override: Override, what: str) -> None:
+        if not self.compiled.first_notice(override.domain, what):
+            return
+        if what == "expired":
+            log.warning("override for %s (%s) expired on %s and no longer applies; remove it "
+                        "from overrides.domains", override.domain, override.label,
+                        override.expires)
+            metrics.OVERRIDES_EXPIRED.inc()
+        else:
+            log.warning("override for %s (%s) expires on %s", override.domain, override.label,
+                        override.expires)
+
     def _lookup(self, domain: str) -> Future[tuple[State, Entry | None]]:
         lookup = self.msg.recipients[domain].lookup
         assert lookup is not None, "RCPT starts a lookup for every valid domain"
@@ -479,14 +584,16 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             return None
         return Level(entry.level)
 
-    def _apply(self, verdict: Verdict, statuses: list[DomainStatus], marking: Marking) -> int:
+    def _apply(self, verdict: Verdict, statuses: list[DomainStatus], marking: Marking,
+               applied: dict[str, Override]) -> int:
         if verdict.action in (Action.REJECT, Action.TEMPFAIL):
             self._setreply(verdict)
             return REJECT if verdict.action is Action.REJECT else Milter.TEMPFAIL
+        overridden = f"; overrides={_overrides_text(applied)}" if applied else ""
         self.addheader(ASSESSMENT_HEADER,
                        f"policy={verdict.policy.name}; require={verdict.policy.require.value}; "
                        f"verdict={verdict.action.value}; {_summary(statuses)}; "
-                       f"trigger={marking.trigger.value}")
+                       f"trigger={marking.trigger.value}{overridden}")
         subject_now = self.msg.subject
         if self.rules.strip_keyword and marking.keywords and subject_now is not None \
                 and len(subject_now) <= subject.MAX_SUBJECT:  # never cut a longer one
@@ -499,7 +606,7 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             if statuses:
                 # FILTER moves every recipient to the secure transport, local ones too: only
                 # route when some recipient actually leaves this server.
-                self.addheader(ROUTE_HEADER, verdict.policy.require.value)
+                self.addheader(ROUTE_HEADER, _route(verdict.policy, statuses).value)
         elif verdict.action is Action.TAG:
             self.addheader(TAG_HEADER, tag_text(verdict))
             tag = self.settings.milter.subject_tag
@@ -524,9 +631,29 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             self.setreply(verdict.smtp_code, verdict.enhanced_code, short_reply(verdict))
 
     def _log(self, queue_id: str, marking: Marking, statuses: list[DomainStatus],
-             verdict: Verdict) -> None:
+             verdict: Verdict, applied: dict[str, Override]) -> None:
         log.info("%s", format_decision(queue_id, marking.value, statuses, verdict,
-                                       self.msg.reason_codes, marking.trigger.value))
+                                       self.msg.reason_codes, marking.trigger.value,
+                                       {d: o.label for d, o in applied.items()}))
+
+
+def _route(policy: Policy, statuses: list[DomainStatus]) -> Level:
+    """The transport level: the policy's, or the highest floor of a ``require`` override
+    when every recipient domain meets it, so delivery enforces it too.
+
+    Postfix routes the whole message by one transport: were another recipient domain below
+    the floor, that transport would defer it for good. The message then goes by the policy's
+    transport, where the policy server still holds each domain to its assessed level.
+    """
+    top = max([policy.require, *(s.floor for s in statuses if s.floor is not None)])
+    if all(s.level is not None and s.level >= top for s in statuses):
+        return top
+    return policy.require
+
+
+def _overrides_text(applied: dict[str, Override]) -> str:
+    return ", ".join(f"{domain_list([d])}:{o.label}"
+                     for d, o in list(applied.items())[:MAX_SUMMARY_DOMAINS])
 
 
 MAX_QUARANTINE_REASON = 900  # Postfix logs it in one line; libmilter refuses over 980 bytes
