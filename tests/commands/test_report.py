@@ -110,3 +110,21 @@ def test_report_adds_the_shared_cache_levels_on_redis(capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     assert "Levels of the 3 domains in the shared cache:" in out
     assert "  none            2   66.7%" in out
+
+
+def test_report_counts_triggers_and_overrides_and_reads_older_lines() -> None:
+    new = ["decision queue_id=1 sensitivity=x trigger=label policy=private require=verified "
+           "verdict=reject domains=m.example:verified failing=m.example "
+           "reasons=m.example:override_require overrides=m.example:require-dane\n",
+           "decision queue_id=2 sensitivity=hr.example trigger=sender policy=personal "
+           "require=encrypted verdict=accept domains=d.example:dane failing=- reasons=- "
+           "overrides=d.example:deny\n",  # a line as tlsmilter never writes it: still read
+           "decision queue_id=3 sensitivity=[secure] trigger=label policy=private "
+           "require=verified verdict=accept domains=m.example:dane failing=- reasons=- "
+           "overrides=m.example:require-dane\n"]
+    text = render(summarize([OLD, *new]), top=5)
+    assert "  marked by: label 2, sender 1" in text
+    assert "Per-domain overrides applied (2):" in text
+    assert "        2  m.example  require-dane" in text
+    assert "        1  m.example  dane       override_require 1" in text  # latest level
+    assert "marked by" not in render(summarize([OLD]), top=5)  # older lines: no trigger

@@ -35,6 +35,8 @@ class Summary:
     refused: Counter[str] = field(default_factory=Counter)  # domain -> refusals
     reasons: dict[str, Counter[str]] = field(default_factory=dict)  # domain -> reason counts
     levels: dict[str, str] = field(default_factory=dict)  # domain -> latest level seen
+    triggers: Counter[str] = field(default_factory=Counter)  # header, label, subject, sender
+    overrides: Counter[tuple[str, str]] = field(default_factory=Counter)  # (domain, override)
 
     def add(self, decision: Decision) -> None:
         self.messages += 1
@@ -43,6 +45,9 @@ class Summary:
             self.policies[decision.policy] += 1
         self.internal_errors += decision.internal_error
         self.levels.update(decision.levels)
+        if decision.trigger:
+            self.triggers[decision.trigger] += 1
+        self.overrides.update(decision.overrides.items())
         if decision.refused:
             for domain in decision.failing:
                 self.refused[domain] += 1
@@ -62,6 +67,8 @@ def render(summary: Summary, top: int) -> str:
     if summary.messages:
         out.append("  verdicts: " + _mix(summary.verdicts))
         out.append("  policies: " + _mix(summary.policies))
+    if summary.triggers:
+        out.append("  marked by: " + _mix(summary.triggers))
     if summary.internal_errors:
         out.append(f"  fail-safe tempfails (internal errors): {summary.internal_errors}")
     out.append("")
@@ -77,6 +84,11 @@ def render(summary: Summary, top: int) -> str:
     else:
         out.append("  none")
     out.append("")
+    if summary.overrides:
+        out.append(f"Per-domain overrides applied ({len(summary.overrides)}):")
+        out.extend(f"  {count:>7}  {domain}  {override}"
+                   for (domain, override), count in summary.overrides.most_common(top))
+        out.append("")
     out.append(f"Levels of the {len(summary.levels)} recipient domains seen (latest decision):")
     out.extend(_level_lines(Counter(summary.levels.values())))
     return "\n".join(out)
