@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 
 import pytest
@@ -182,3 +183,41 @@ def test_urgent_probes_overtake_a_flood_of_hanging_warm_up_probes(
     finally:
         cache.client.close()
     print(f"urgent probes done {seconds:.2f} s after the request")
+
+
+def test_a_worker_remakes_an_urgent_queue_that_expired_while_idle(
+        redis_server: LabRedis, caplog: pytest.LogCaptureFixture) -> None:
+    # Each Stream expires after a week without requests; the urgent one may go alone.
+    settings = settings_for(redis_server.url)
+    cache = RedisCache(settings)
+    cache.client.flushdb()
+    prober = TableProber(default="verified")
+
+    async def scenario() -> None:
+        worker = Worker(settings, prober=prober)  # type: ignore[arg-type]
+        requests = ProbeRequests(settings, cache.client, cache.health)
+        running = asyncio.create_task(worker.run())
+        try:
+            assert requests.request("warm.test")
+            deadline = time.monotonic() + 5
+            while cache.get("warm.test")[1] is None:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            await worker.client.delete(worker.queue.keys.urgent)  # expired, the worker running
+            worker._next_claim = 0.0  # its next look for gone workers and stuck entries: now
+            await asyncio.sleep(0.5)
+            assert requests.request("urgent.test", urgent=True)
+            while cache.get("urgent.test")[1] is None:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+        finally:
+            worker.stop()
+            await running
+            await worker.client.aclose()
+
+    with caplog.at_level("INFO", logger="tlsmilter"):
+        try:
+            asyncio.run(scenario())
+        finally:
+            cache.client.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text

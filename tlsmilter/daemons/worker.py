@@ -123,8 +123,11 @@ class Worker:
                 self.health.ok()
             except redis.RedisError as exc:
                 grouped = False
-                if isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc):
-                    continue  # the idle queue expired, or Redis restarted empty: remake it
+                if isinstance(exc, redis.ResponseError) and (
+                        "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc)):
+                    # An idle queue expired (while read: UNBLOCKED), or Redis restarted
+                    # empty: remake it.
+                    continue
                 self.health.failed(exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), 1.0)

@@ -211,7 +211,12 @@ class WorkQueue:
         """
         gone: set[str] = set()
         for stream in (self.keys.urgent, self.keys.stream):
-            consumers = await self.client.xinfo_consumers(stream, self.keys.group)
+            try:
+                consumers = await self.client.xinfo_consumers(stream, self.keys.group)
+            except redis.ResponseError as exc:
+                if "no such key" in str(exc).lower():
+                    continue  # expired while idle: reading it remakes it (NOGROUP)
+                raise
             names = ((c, _name(c["name"])) for c in consumers)
             leaving = [name for c, name in names
                        if c["pending"] == 0 and c["idle"] >= idle_ms and name != self.consumer]
