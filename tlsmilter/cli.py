@@ -56,6 +56,7 @@ def _check(args: argparse.Namespace) -> int:
     from tlsmilter.assess.model import Assessment
     from tlsmilter.assess.prober import Prober
     from tlsmilter.core.domains import normalize_domain
+    from tlsmilter.core.overrides import describe as describe_override
 
     loaded = config.load_optional(args.config)
     settings = loaded.prober
@@ -81,11 +82,16 @@ def _check(args: argparse.Namespace) -> int:
             return await Prober(settings, sts_cache=sts_cache).assess_many(domains)
 
     results = asyncio.run(run())
+    domain_overrides = config.domain_overrides(loaded)
+    today = datetime.datetime.now(datetime.UTC).date()
     for assessment in results:
         if args.json:
             print(json.dumps(assessment.to_json(), sort_keys=True))
-        else:
-            print(render.render(assessment))
+            continue
+        print(render.render(assessment))
+        override = domain_overrides.get(assessment.domain)
+        if override is not None:  # after the assessed level: what sensitive mail gets
+            print(f"  override: {describe_override(override, today)}")
     levels = {a.level for a in results}
     if "none" in levels:
         return EXIT_CHECK_NONE

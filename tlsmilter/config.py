@@ -24,7 +24,9 @@ from typing import Any, TypeVar
 
 from tlsmilter.core.domains import InvalidDomain, normalize_domain
 from tlsmilter.core.labels import is_guid
-from tlsmilter.core.overrides import parse_date
+from tlsmilter.core.levels import Level
+from tlsmilter.core.overrides import Kind as OverrideKind
+from tlsmilter.core.overrides import Override, parse_date
 from tlsmilter.core.subject import Match as SubjectMatch
 from tlsmilter.core.verdict import MAX_EXTRA_LINES
 from tlsmilter.errors import ConfigError, ConfigIssue
@@ -595,6 +597,15 @@ def _check_overrides(config: Config) -> list[ConfigIssue]:
             issues.append(ConfigIssue(dotted, f"duplicate of {seen[name]!r}"))
         seen.setdefault(name, domain)
     return issues
+
+
+def domain_overrides(config: Config) -> dict[str, Override]:
+    """The per-domain overrides, by normalised domain (``from_mapping`` checked every domain
+    and date)."""
+    return {normalize_domain(domain): Override(
+                normalize_domain(domain), OverrideKind(o.action.value), Level(o.level.value),
+                o.reason, parse_date(o.expires))
+            for domain, o in config.overrides.domains.items()}
 
 
 def expiry_issues(config: Config, today: datetime.date) -> list[ConfigIssue]:

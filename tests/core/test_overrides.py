@@ -7,7 +7,7 @@ import datetime
 import pytest
 
 from tlsmilter.core.levels import Level
-from tlsmilter.core.overrides import Kind, Override, apply, parse_date
+from tlsmilter.core.overrides import Kind, Override, apply, describe, parse_date
 from tlsmilter.core.verdict import Action, DomainStatus, Policy, decide
 
 E, V, D, N = Level.ENCRYPTED, Level.VERIFIED, Level.DANE, Level.NONE
@@ -79,3 +79,17 @@ def test_bad_dates(text: str) -> None:
 
 def test_labels() -> None:
     assert (REQUIRE_DANE.label, DENY.label) == ("require-dane", "deny")
+
+
+@pytest.mark.parametrize(
+    ("override", "text"),
+    [
+        (REQUIRE_DANE, "require dane (ministry wants DANE)"),
+        (Override("m.test", Kind.DENY, D, "gone", datetime.date(2026, 12, 31)),
+         "deny sensitive mail (gone; until 2026-12-31)"),
+        (Override("m.test", Kind.DENY, D, "gone", datetime.date(2026, 12, 1)),
+         "deny sensitive mail (gone; expired on 2026-12-01, no longer applied)"),
+    ],
+)
+def test_describe(override: Override, text: str) -> None:
+    assert describe(override, datetime.date(2026, 12, 2)) == text

@@ -15,6 +15,8 @@ import datetime
 import re
 import shutil
 import smtplib
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 
@@ -224,3 +226,24 @@ def test_an_expired_override_no_longer_applies(stack: tuple[LabPostfix, Daemon])
     last = [d for d in map(parse, serve.decisions()) if d and "cname-mx.test" in d.levels][-1]
     assert (last.verdict, last.overrides) == ("accept", {})
     assert serve.text().count("override for cname-mx.test (deny) expired on") == 1
+
+
+def test_check_shows_the_assessed_level_then_the_override(
+        lab: Lab, stack: tuple[LabPostfix, Daemon]) -> None:
+    _postfix, serve = stack
+    done = subprocess.run(
+        [sys.executable, "-m", "tlsmilter.cli", "--config", str(serve.config), "check",
+         "dnssec-tls12.test", "dane-full.test", "cname-mx.test", "dnssec-ca.test"],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    blocks = re.split(r"\n(?=\S)", done.stdout.strip())
+    by_domain = {block.split(":", 1)[0]: block for block in blocks}
+    assert by_domain["dnssec-tls12.test"].startswith("dnssec-tls12.test: VERIFIED")
+    assert by_domain["dnssec-tls12.test"].endswith(
+        "\n  override: require dane (ministry requires DANE)")
+    assert by_domain["dane-full.test"].startswith("dane-full.test: DANE")
+    assert by_domain["dane-full.test"].endswith(
+        "\n  override: deny sensitive mail (contract ended, use the portal)")
+    assert re.search(r"\n  override: deny sensitive mail \(was blocked until yesterday; expired "
+                     r"on \d{4}-\d\d-\d\d, no longer applied\)$", by_domain["cname-mx.test"])
+    assert "override" not in by_domain["dnssec-ca.test"]

@@ -71,3 +71,16 @@ def apply(status: DomainStatus, override: Override) -> DomainStatus:
         why = f"assessed {status.level.value}; this domain requires {floor.value} " \
               f"({override.reason})"
     return dataclasses.replace(status, floor=floor, why=why)
+
+
+def describe(override: Override, today: datetime.date) -> str:
+    """One line for people: what the override does, why, and until when."""
+    what = (f"require {override.level.value}" if override.kind is Kind.REQUIRE
+            else "deny sensitive mail")
+    if override.expires is None:
+        until = ""
+    elif override.expired(today):
+        until = f"; expired on {override.expires.isoformat()}, no longer applied"
+    else:
+        until = f"; until {override.expires.isoformat()}"
+    return f"{what} ({override.reason}{until})"

@@ -26,7 +26,7 @@ from tlsmilter.core.domains import InvalidDomain, normalize_domain
 from tlsmilter.core.labels import HEADER as LABELS_HEADER
 from tlsmilter.core.labels import LabelRules
 from tlsmilter.core.levels import UNKNOWN, Level
-from tlsmilter.core.overrides import Kind, Override, parse_date
+from tlsmilter.core.overrides import Kind, Override
 from tlsmilter.core.overrides import apply as apply_override
 from tlsmilter.core.reasons import (
     INVALID_DOMAIN,
@@ -104,15 +104,6 @@ def rules_from(settings: config.Config) -> Rules:
         strip_keyword=sens.strip_subject_keyword, from_header=sens.sender_from_header)
 
 
-def overrides_from(settings: config.Config) -> dict[str, Override]:
-    """The configured per-domain overrides, by normalised domain (the config check made sure
-    every domain and date is valid)."""
-    return {normalize_domain(domain): Override(
-                normalize_domain(domain), Kind(o.action.value), Level(o.level.value), o.reason,
-                parse_date(o.expires))
-            for domain, o in settings.overrides.domains.items()}
-
-
 class Compiled:
     """What one configuration compiles to, shared by every connection that uses it: the
     marking rules, the overrides, and which expiries were already logged (once per domain)."""
@@ -121,7 +112,7 @@ class Compiled:
         self.settings = settings
         self.rules = rules_from(settings)
         self.label_rules = bool(self.rules.labels.by_guid or self.rules.labels.by_name)
-        self.overrides = overrides_from(settings)
+        self.overrides = config.domain_overrides(settings)
         self.warn_days = settings.overrides.warn_days
         self.noticed: set[tuple[str, str]] = set()  # (domain, "expired" | "expiring")
         self._lock = threading.Lock()
