@@ -101,8 +101,8 @@ def test_the_keyword_is_stripped_from_delivered_mail_only_where_configured(
 
 
 def test_the_strictest_trigger_wins_and_is_named(make_engine: Any) -> None:
-    stricter = config.from_mapping({"sensitivity": {"labels": {LABEL: "medical"}},
-                                    "policies": {"medical": {"require": "dane"}}})
+    stricter = config.from_mapping({"sensitivity": {"labels": {LABEL: "strictest"}},
+                                    "policies": {"strictest": {"require": "dane"}}})
     engine, _ = make_engine(stricter)
     rc, ctx = send(engine, stricter, ["<a@verified.test>"],
                    [("X-Sensitivity", "private"), ("msip_labels", MSIP)])
@@ -135,3 +135,23 @@ def test_a_reload_brings_new_rules_from_the_next_message(make_engine: Any) -> No
     assert message() == Milter.ACCEPT  # no label rules yet
     live.replace(SETTINGS)  # what serve does on SIGHUP
     assert message() == Milter.REJECT  # same connection, next message: the new rules
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [([("Subject", "[secure] x"), ("msip_labels", MSIP)], Milter.TEMPFAIL),
+     ([("Subject", "[secure] x"), ("X-Sensitivity", "private")], Milter.TEMPFAIL),
+     ([("Subject", "[secure] x"), ("From", "a@hr.example.org")], Milter.ACCEPT)],
+)
+def test_a_classification_fault_tempfails_marked_mail_and_passes_the_rest(
+        make_engine: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        headers: list[tuple[str, str]], expected: int) -> None:
+    def broken(*_args: object) -> None:
+        raise RuntimeError("classifier bug")
+
+    monkeypatch.setattr("tlsmilter.daemons.milter.classify", broken)
+    engine, _ = make_engine(SETTINGS)
+    with caplog.at_level("ERROR", logger="tlsmilter.milter"):
+        rc, _ctx = send(engine, SETTINGS, ["<a@dane.test>"], headers)
+    assert rc == expected
+    assert any("internal error classifying" in r.getMessage() for r in caplog.records)

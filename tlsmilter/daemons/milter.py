@@ -399,9 +399,10 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         except Exception:
             log.exception("queue_id=%s internal error classifying the message", queue_id)
             instrument.fail_safe(FailSafe.CLASSIFY_ERROR)
-            return self._fail(queue_id, labels.UNCLASSIFIED, sensitive=bool(
-                self.msg.headers or self.msg.label_headers or self.rules.senders.rules
-                or self.rules.keywords.keywords))
+            # Sensitive when it carries a marking header or a label; keyword and sender
+            # rules are not known to match without classifying: normal mail must pass.
+            return self._fail(queue_id, labels.UNCLASSIFIED,
+                              sensitive=bool(self.msg.headers or self.msg.label_headers))
         if marking is None:
             self._count(labels.NOT_SENSITIVE, Action.ACCEPT)
             return ACCEPT  # not sensitive: untouched and not delayed
