@@ -10,14 +10,18 @@ import pytest
 from tests.fakes import FALLBACK, VERIFY, mx, sts_only
 from tlsmilter.assess.model import Assessment, MtaStsFacts, MxFacts
 from tlsmilter.core.delivery import (
+    DomainPolicy,
     PolicyAnswer,
     PolicyMap,
     answer,
+    answer_overridden,
     normalize_key,
     policy_for,
     policy_maps,
 )
 from tlsmilter.core.levels import Level
+from tlsmilter.core.overrides import Kind as OverrideKind
+from tlsmilter.core.overrides import Override
 
 
 @pytest.mark.parametrize(("assessment", "policy"), [
@@ -154,3 +158,34 @@ def test_no_map_answers_weaker_than_it_requires(level: str | None, name: str) ->
         assert level is not None and Level(level) >= required, (name, level, reply)
     if MAPS[name].strict:
         assert counted is not PolicyAnswer.NOTFOUND
+
+
+_DANE = Override("m.test", OverrideKind.REQUIRE, Level.DANE, "ministry\r\nwants DANE")
+_DENY = Override("m.test", OverrideKind.DENY, Level.DANE, "gone")
+_MAPS = policy_maps("tlspolicy")
+
+
+@pytest.mark.parametrize(
+    ("level", "policy", "override", "map_name", "expected"),
+    [
+        ("verified", "secure", _DANE, "tlspolicy-strict", "TEMP tlsmilter: m.test is assessed "
+         "verified now, below the dane its override requires (ministry??wants DANE)"),
+        ("verified", "secure", _DANE, "tlspolicy-encrypted", "TEMP tlsmilter: m.test is "
+         "assessed verified now, below the dane its override requires"),
+        ("dane", "dane-only", _DANE, "tlspolicy-verified", "OK dane-only"),
+        ("verified", "secure", _DANE, "tlspolicy", "OK secure"),  # all mail: unchanged
+        (None, None, _DANE, "tlspolicy-strict", "TEMP tlsmilter cannot vouch for m.test: "
+         "not assessed (again) yet"),
+        ("dane", "dane-only", _DENY, "tlspolicy-dane", "TEMP tlsmilter: sensitive mail to "
+         "m.test is denied by override (gone)"),
+        ("dane", "dane-only", _DENY, "tlspolicy", "OK dane-only"),
+        ("encrypted", "encrypt", None, "tlspolicy-strict", "OK encrypt"),
+    ],
+)
+def test_answers_under_an_override(level: str | None, policy: str | None,
+                                   override: Override | None, map_name: str,
+                                   expected: str) -> None:
+    known = None if level is None else DomainPolicy(
+        level, policy, None if policy is None else PolicyAnswer(policy.split()[0]))
+    _counted, reply = answer_overridden("m.test", known, _MAPS[map_name], override)
+    assert reply.startswith(expected)

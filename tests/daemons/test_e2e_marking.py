@@ -14,9 +14,11 @@ from __future__ import annotations
 import datetime
 import re
 import shutil
+import signal
 import smtplib
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -247,3 +249,47 @@ def test_check_shows_the_assessed_level_then_the_override(
     assert re.search(r"\n  override: deny sensitive mail \(was blocked until yesterday; expired "
                      r"on \d{4}-\d\d-\d\d, no longer applied\)$", by_domain["cname-mx.test"])
     assert "override" not in by_domain["dnssec-ca.test"]
+
+
+def hup(serve: Daemon) -> None:
+    """SIGHUP serve and wait until it logged the reload."""
+    before = serve.text().count("SIGHUP: configuration reloaded")
+    serve.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    deadline = time.monotonic() + 10
+    while serve.text().count("SIGHUP: configuration reloaded") == before:
+        assert time.monotonic() < deadline, serve.text()[-3000:]
+        time.sleep(0.05)
+
+
+def test_an_override_added_after_acceptance_holds_delivery_through_the_policy_server(
+        lab: Lab, stack: tuple[LabPostfix, Daemon]) -> None:
+    # Accepted to a verified domain; before delivery the postmaster denies the domain (a
+    # reload): the policy server defers the message at delivery, naming the override. Lifted
+    # again, it goes.
+    postfix, serve = stack
+    server = lab.server("dnssec-ca")
+    before = len(server.messages)
+    original = serve.config.read_text()
+    postfix.postconf(defer_transports="tlsmilter-verified")  # hold delivery after acceptance
+    try:
+        submit(postfix, SENDER, "late@dnssec-ca.test", "denied later",
+               "X-Sensitivity: private\r\n")
+        serve.config.write_text(original + '\n[overrides.domains."dnssec-ca.test"]\n'
+                                'action = "deny"\nreason = "incident 4711"\n')
+        hup(serve)
+        postfix.postconf(defer_transports="")
+        log = wait_log(postfix, r"tlsmilter-verified/smtp\[\d+\]: .*to=<late@dnssec-ca\.test>.*"
+                                r"status=deferred", poke=postfix.flush)
+        assert "sensitive mail to dnssec-ca.test is denied by override (incident 4711)" in log
+        assert len(server.messages) == before
+        serve.config.write_text(original)
+        hup(serve)
+        wait_log(postfix, r"tlsmilter-verified/smtp\[\d+\]: .*to=<late@dnssec-ca\.test>.*"
+                          r"status=sent", poke=postfix.flush)
+    finally:
+        postfix.postconf(defer_transports="")
+        if serve.config.read_text() != original:
+            serve.config.write_text(original)
+            hup(serve)
+    (received,) = server.wait_for_messages(before + 1, timeout=30)[before:]
+    assert received.tls_version == "TLSv1.3"

@@ -31,6 +31,7 @@ from typing import Any
 
 from tlsmilter.core.domains import InvalidDomain, normalize_domain
 from tlsmilter.core.levels import Level
+from tlsmilter.core.overrides import Kind, Override
 
 AssessmentJson = Mapping[str, Any]
 
@@ -178,6 +179,37 @@ def answer(domain: str, assessment: AssessmentJson | None,
     """
     known = domain_policy(assessment) if isinstance(assessment, Mapping) else None
     return answer_for(domain, known, policy_map)
+
+
+def answer_overridden(domain: str, known: DomainPolicy | None, policy_map: PolicyMap,
+                      override: Override | None) -> tuple[PolicyAnswer, str]:
+    """``answer_for`` under a per-domain override that applies today (None: none).
+
+    Only the strict maps (tlsmilter's transports: sensitive mail) heed it: ``deny`` defers
+    every delivery there, ``require`` defers it while the domain is assessed below the
+    override's level, so a message accepted before the override, or before the domain fell,
+    waits rather than leave weaker. The plain map (all mail) answers as without it.
+    """
+    if override is None or not policy_map.strict:
+        return answer_for(domain, known, policy_map)
+    if override.kind is Kind.DENY:
+        return PolicyAnswer.TEMP, (f"TEMP tlsmilter: sensitive mail to {domain} is denied by "
+                                   f"override ({_reason(override.reason)})")
+    level = known.level if known is not None else None
+    if known is not None and known.policy is not None and level in _LEVELS \
+            and Level(str(level)) < override.level:
+        return PolicyAnswer.TEMP, (
+            f"TEMP tlsmilter: {domain} is assessed {level} now, below the "
+            f"{override.level.value} its override requires ({_reason(override.reason)})")
+    return answer_for(domain, known, policy_map)
+
+
+_LEVELS = frozenset(level.value for level in Level)
+
+
+def _reason(text: str) -> str:
+    """An override's reason in a reply: one short printable line (Postfix logs it)."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:100])
 
 
 def answer_for(domain: str, known: DomainPolicy | None,

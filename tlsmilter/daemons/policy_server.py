@@ -14,10 +14,12 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from tlsmilter import config
 from tlsmilter.core.delivery import DomainPolicy
+from tlsmilter.core.overrides import Override
 from tlsmilter.daemons import instrument
 from tlsmilter.daemons.sdnotify import sd_notify
 from tlsmilter.daemons.socketmap import Lookup, PolicyServer
@@ -61,14 +63,31 @@ def unix_path(spec: str) -> Path | None:
     return Path(rest) if kind == "unix" else None
 
 
+def overrides_of(current: Callable[[], config.Config]) -> Callable[[], Mapping[str, Override]]:
+    """The per-domain overrides of the configuration ``current()`` returns, built once per
+    configuration (``serve`` replaces it on SIGHUP)."""
+    built: list[tuple[config.Config, Mapping[str, Override]]] = []
+
+    def overrides() -> Mapping[str, Override]:
+        settings = current()
+        if not built or built[0][0] is not settings:
+            built[:] = [(settings, config.domain_overrides(settings))]
+        return built[0][1]
+    return overrides
+
+
 def start_policy_server(assessments: Assessments, settings: config.PolicyServerSettings,
-                        loop: asyncio.AbstractEventLoop) -> PolicyServer | None:
-    """Listen on ``policy_server.socket`` from ``loop`` (running in another thread)."""
+                        loop: asyncio.AbstractEventLoop,
+                        current: Callable[[], config.Config] | None = None
+                        ) -> PolicyServer | None:
+    """Listen on ``policy_server.socket`` from ``loop`` (running in another thread);
+    ``current`` gives the configuration whose per-domain overrides apply."""
     path = unix_path(settings.socket)
     if path is None:
         return None
     server = PolicyServer(policy_lookup(assessments), str(path), map_name=settings.map_name,
-                          mode=int(settings.socket_mode, 8))
+                          mode=int(settings.socket_mode, 8),
+                          overrides=overrides_of(current) if current else None)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
@@ -90,7 +109,8 @@ def run_policy_server(settings: config.Config) -> int:
     async def main() -> None:
         server = PolicyServer(policy_lookup(assessments), str(path),
                               map_name=settings.policy_server.map_name,
-                              mode=int(settings.policy_server.socket_mode, 8))
+                              mode=int(settings.policy_server.socket_mode, 8),
+                              overrides=overrides_of(lambda: settings))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             await server.start()

@@ -87,10 +87,11 @@ def serve(settings: config.Config,
             stop_metrics()
         raise
     policy_server = None
+    live = LiveConfig(settings)
     if isinstance(assessments, EmbeddedAssessments):
-        try:
+        try:  # the per-domain overrides follow reloads, like the milter's
             policy_server = start_policy_server(assessments, settings.policy_server,
-                                                assessments.loop)
+                                                assessments.loop, lambda: live.current[0])
         except BaseException:
             assessments.stop()
             if stop_metrics is not None:
@@ -99,7 +100,6 @@ def serve(settings: config.Config,
     else:
         log.info("shared cache on %s: run tlsmilter policy-server for Postfix's TLS policy "
                  "lookups, and tlsmilter worker for probes", describe(settings.redis))
-    live = LiveConfig(settings)
     # Both backends probe, urgently, what end-of-message waits for: RCPT keeps to budgets.
     prober = settings.prober
     budget = WarmupBudget(prober.warmup_per_message, prober.warmup_per_client,

@@ -22,6 +22,7 @@ milter routes accepted sensitive mail by (``tlspolicy-encrypted``, ``-verified``
 from __future__ import annotations
 
 import asyncio
+import datetime
 import functools
 import inspect
 import logging
@@ -38,11 +39,12 @@ from tlsmilter.core.delivery import (
     AssessmentJson,
     DomainPolicy,
     PolicyAnswer,
-    answer_for,
+    answer_overridden,
     domain_policy,
     normalize_key,
     policy_maps,
 )
+from tlsmilter.core.overrides import Override
 from tlsmilter.core.policylog import format_answer
 from tlsmilter.daemons.netstring import NetstringDecoder, NetstringError, encode_netstring
 from tlsmilter.errors import CacheUnavailable, TlsmilterError
@@ -102,8 +104,12 @@ class PolicyServer:
         map_name: str = "tlspolicy",
         mode: int = DEFAULT_MODE,
         idle_timeout: float = IDLE_TIMEOUT,
+        overrides: Callable[[], Mapping[str, Override]] | None = None,
     ) -> None:
         self.lookup = lookup
+        # The per-domain overrides in force (config.domain_overrides); read at each lookup,
+        # so a reload applies at once.
+        self.overrides = overrides
         self.path = path
         self.map_name = map_name
         # The map names Postfix may ask for, and what each asks of an answer.
@@ -242,7 +248,8 @@ class PolicyServer:
                 found = await found
             if not isinstance(found, DomainPolicy):
                 found = domain_policy(found) if isinstance(found, Mapping) else None
-            counted, reply = answer_for(domain, found, policy_map)
+            counted, reply = answer_overridden(domain, found, policy_map,
+                                               self._override(domain))
         except Exception as exc:  # the cache's failure, never Postfix's problem to parse
             self._log_error("lookup", exc)
             self._count(PolicyAnswer.TEMP)
@@ -258,6 +265,13 @@ class PolicyServer:
                                         reply[5:] if counted is PolicyAnswer.TEMP else ""))
         self._count(counted)
         return reply.encode()
+
+    def _override(self, domain: str) -> Override | None:
+        """The override of ``domain`` that applies today, if any."""
+        override = self.overrides().get(domain) if self.overrides is not None else None
+        if override is None or override.expired(datetime.datetime.now(datetime.UTC).date()):
+            return None
+        return override
 
     def _count(self, answer: PolicyAnswer) -> None:
         self._answers[answer].inc()
