@@ -155,3 +155,15 @@ def test_a_classification_fault_tempfails_marked_mail_and_passes_the_rest(
         rc, _ctx = send(engine, SETTINGS, ["<a@dane.test>"], headers)
     assert rc == expected
     assert any("internal error classifying" in r.getMessage() for r in caplog.records)
+
+
+def test_a_tagged_message_gets_the_tag_on_the_stripped_subject(make_engine: Any) -> None:
+    # Monitor mode tags instead of refusing: the keyword goes, the tag comes, once each.
+    cfg = config.from_mapping({"milter": {"monitor": True, "subject_tag": "[insecure]"},
+                               "sensitivity": {"subject_keywords": {"[secure]": "private"},
+                                               "strip_subject_keyword": True}})
+    engine, _ = make_engine(cfg)
+    rc, ctx = send(engine, cfg, ["<a@plain.test>"], [("Subject", "[secure] payslip")])
+    assert rc == Milter.ACCEPT
+    assert ctx._msg.get_all("Subject")[-1] == "[insecure] payslip"
+    assert ROUTE_HEADER not in ctx._msg
