@@ -30,6 +30,8 @@ MAX_LINE = 64 * 1024  # far above RFC 5321's 1000; only guards memory against ju
 MAX_MESSAGE = 10 * 1024 * 1024
 COMMAND_TIMEOUT = 300.0  # RFC 5321 section 4.5.3.2.7
 STOP_TIMEOUT = 3.0
+# How long ``sessions`` waits for server-side TLS handshakes still unwinding (see there).
+HANDSHAKE_SETTLE = 2.0
 BREAK_GARBAGE = b"this is not a TLS handshake\r\n" * 8
 
 _MAIL_FROM = re.compile(r"FROM:\s*<([^>]*)>", re.IGNORECASE)
@@ -222,16 +224,21 @@ class _SmtpSession:
         with self.server._lock:
             tls = self.ctx.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
             self.reader.sock = tls
+        self.server._handshake_started()
         try:
-            tls.do_handshake()
-        except (OSError, ValueError) as e:
-            self.session.tls_error = str(e)
-            log.debug("%s: TLS handshake with %s failed: %s", self.server, self.session.peer, e)
-            return False
-        self.tls = tls
-        self.session.tls_version = tls.version()
-        cipher = tls.cipher()
-        self.session.cipher = cipher[0] if cipher else None
+            try:
+                tls.do_handshake()
+            except (OSError, ValueError) as e:
+                self.session.tls_error = str(e)
+                log.debug("%s: TLS handshake with %s failed: %s", self.server, self.session.peer,
+                          e)
+                return False
+            self.tls = tls
+            self.session.tls_version = tls.version()
+            cipher = tls.cipher()
+            self.session.cipher = cipher[0] if cipher else None
+        finally:
+            self.server._handshake_ended()
         # RFC 3207 section 4.2: forget everything learnt before TLS, the client must EHLO again.
         self.session.helo = None
         self._reset_transaction()
@@ -352,6 +359,7 @@ class SmtpServer(Service):
         self._messages: list[Received] = []
         self._sessions: list[Session] = []
         self._open: dict[threading.Thread, _SmtpSession] = {}
+        self._handshakes = 0  # server-side TLS handshakes in progress
         self._listener: socket.socket | None = None
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
@@ -386,9 +394,26 @@ class SmtpServer(Service):
 
     @property
     def sessions(self) -> list[Session]:
-        """A snapshot of all connections accepted so far, oldest first."""
-        with self._lock:
+        """A snapshot of all connections accepted so far, oldest first.
+
+        A handshake the client has already given up on (it got the server's alert) may still
+        be unwinding in the session's thread: the snapshot waits, up to ``HANDSHAKE_SETTLE``
+        seconds, until no handshake is in progress, so that its outcome (``tls_error``, or
+        ``tls_version``) is recorded. Without that, a loaded machine let a test read a session
+        whose failed handshake was not recorded yet.
+        """
+        with self._changed:
+            self._changed.wait_for(lambda: self._handshakes == 0, HANDSHAKE_SETTLE)
             return list(self._sessions)
+
+    def _handshake_started(self) -> None:
+        with self._changed:
+            self._handshakes += 1
+
+    def _handshake_ended(self) -> None:
+        with self._changed:
+            self._handshakes -= 1
+            self._changed.notify_all()
 
     @property
     def connections(self) -> int:
