@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
 
-from bench.milter import socketmap_query
+from bench.milter import machine_busy, socketmap_query
 from bench.prober import positive
 from tests.conftest import world_searchable_dir
 from tests.daemons.test_e2e import CONTRIB, contrib_main, contrib_master
@@ -402,6 +402,13 @@ class Window:
     restored: float = 0.0
     ended: float = 0.0  # the next window begins here
     notes: list[str] = field(default_factory=list)
+    cpu_at_start: tuple[int, int] = field(default_factory=machine_busy)
+    cpu_busy: float = 0.0  # share of the machine's CPUs busy, by anyone, in the window
+
+    def close(self) -> None:
+        self.ended = now()
+        busy, total = machine_busy()
+        self.cpu_busy = (busy - self.cpu_at_start[0]) / max(1, total - self.cpu_at_start[1])
 
 
 def wait_up(stack: Stack, name: str, after: float, timeout: float = 60) -> float:
@@ -754,15 +761,15 @@ def run_stack(name: str, faults: Sequence[str], lab: Lab, workdir: Path,
         time.sleep(args.baseline)
         baseline.restored = now()
         for fault in faults:
+            windows[-1].close()
             window = Window(fault, name, now())
-            windows[-1].ended = window.began
             windows.append(window)
             print(f"[{name}] {time.strftime('%H:%M:%S')} {fault}", flush=True)
             FAULTS[fault](stack, window, args)
             for note in window.notes:
                 print(f"[{name}]   {note}", flush=True)
             time.sleep(args.settle)
-        windows[-1].ended = now()
+        windows[-1].close()
         load.stop()
         print(f"[{name}] load stopped: {len(load.sent)} messages; draining the queue "
               f"(up to {args.drain:.0f} s)", flush=True)
@@ -825,7 +832,9 @@ def report(results: Sequence[StackResult], lab: Lab, args: argparse.Namespace) -
             actions = [(t, line) for t, line in result.log.default_action
                        if line_in_window(t, w)]
             p50, p99 = percentile(times, 50), percentile(times, 99)
-            print(f"\n-- {w.name}: {tally.messages} messages, {tally.recipients} recipients "
+            print(f"\n-- {w.name}: {w.ended - w.began:.0f} s, the machine's CPUs "
+                  f"{w.cpu_busy:.0%} busy; {tally.messages} messages, "
+                  f"{tally.recipients} recipients "
                   f"(normal mail accepted within 5 s of the repair: {len(times)}, normal mail "
                   f"not accepted: {normal_refused}) --")
             for note in w.notes:
