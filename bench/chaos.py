@@ -284,7 +284,7 @@ class Stack:
     """Postfix from contrib/postfix and tlsmilter's daemons, embedded or on Redis."""
 
     def __init__(self, workdir: Path, lab: Lab, backend: str, address: str,
-                 snapshot_interval: float) -> None:
+                 snapshot_interval: float, log_level: str = "info") -> None:
         self.workdir, self.lab, self.backend = workdir, lab, backend
         workdir.mkdir(parents=True, mode=0o755)
         header_checks = workdir / "tlsmilter_header_checks"
@@ -304,7 +304,7 @@ class Stack:
         state.mkdir(mode=0o700)
         overrides: dict[str, dict[str, object]] = {
             "milter": {"skip_domains": [MYHOSTNAME], "eom_wait": 5.0},
-            "log": {"level": "info"},
+            "log": {"level": log_level},
             "sensitivity.values": {"top-secret": "top"},
             "policies.top": {"require": "dane"},
             "cache": {"state_dir": str(state), "snapshot_interval": snapshot_interval},
@@ -495,15 +495,15 @@ def fault_worker_kill(stack: Stack, window: Window, args: argparse.Namespace) ->
     sender.join()
     window.notes.append(f"worker killed {'mid-probe' if busy else 'AFTER the probe ended'} of "
                         f"{slow}; the trigger got {trigger.code} {trigger.reply[:80]!r}")
-    # A probe left unfinished is taken over after worker.claim_after (default 120 s).
+    # A probe left unfinished is taken over after worker.claim_after (default 120 s). The
+    # policy server's answer says when it is assessed (the worker logs that at debug only).
     deadline = time.monotonic() + args.worker_wait
-    while f"assessed {slow}:" not in worker.text():
+    while not (answer := socketmap_query(stack.policy_socket, slow)).startswith("OK"):
         if time.monotonic() > deadline:
             window.notes.append(f"{slow} still not assessed {args.worker_wait:.0f} s after "
-                                "the kill")
+                                f"the kill: the policy server says {answer!r}")
             return
-        time.sleep(0.2)
-    answer = socketmap_query(stack.policy_socket, slow)
+        time.sleep(0.5)
     took_over = [line for line in worker.text().splitlines() if "took over" in line]
     window.notes.append(f"{slow} assessed {now() - killed:.1f} s after the kill "
                         f"({answer}); {took_over[-1] if took_over else 'no take-over logged'}")
@@ -744,7 +744,7 @@ class StackResult:
 def run_stack(name: str, faults: Sequence[str], lab: Lab, workdir: Path,
               args: argparse.Namespace, first_seq: int, address: str) -> StackResult:
     stack = Stack(workdir / name, lab, "redis" if name == "redis" else "memory", address,
-                  args.snapshot_interval)
+                  args.snapshot_interval, args.log_level)
     problems: list[str] = []
     windows: list[Window] = []
     load = Load(stack.postfix.submit, args.rate, args.senders, first_seq)
@@ -909,6 +909,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             ("--drain", 90.0, "to wait at most for the queue to empty at the end")):
         parser.add_argument(option, type=float, default=default, metavar="S",
                             help=f"seconds {text} (default: {default:.0f})")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info"],
+                        help="tlsmilter daemons' log level (default: info)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work directory (logs, maillog) and print its path")
     return parser.parse_args(argv)
