@@ -417,7 +417,9 @@ class TlsMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             self._log(queue_id, marking, statuses, verdict, applied)
             result = self._apply(verdict, statuses, marking, applied)
         except CacheUnavailable as exc:  # expected while Redis is down: no traceback
-            log.warning("queue_id=%s %s", queue_id, exc)
+            # The outage has its own two lines (store/redis/connection.py's Health) and each
+            # message its decision line: one more WARNING per message would flood the log.
+            log.debug("queue_id=%s %s", queue_id, exc)
             instrument.fail_safe(FailSafe.CACHE_UNAVAILABLE)
             return self._fail(queue_id, policy.name, sensitive=True, trigger=trigger)
         except Exception as exc:
