@@ -305,6 +305,41 @@ def test_an_assessment_lost_before_delivery_defers_until_assessed_again(
     assert received.tls_version == "TLSv1.3"
 
 
+def attack_after_acceptance(postfix: LabPostfix, milter: Milter, transport: str,
+                            msg: EmailMessage, domain: str, attack: Callable[[], object]) -> None:
+    """Have ``msg`` accepted while delivery through ``transport`` is held, then ``attack``
+    (what an attacker on the path does after acceptance), have ``domain`` assessed again under
+    the attack, and release delivery."""
+    postfix.postconf(defer_transports=transport)
+    try:
+        send(postfix, msg)
+        attack()
+        forget(milter, domain)
+    finally:
+        postfix.postconf(defer_transports="")
+
+
+def fell_below(postfix: LabPostfix, domain: str, level: str, required: str) -> str:
+    """The maillog once the policy server deferred ``domain``, assessed ``level`` now, for a
+    message that required ``required``."""
+    return wait_log(postfix, rf"tlsmilter: {re.escape(domain)} is assessed {level} now, below "
+                             rf"the {required} this message requires", poke=postfix.flush,
+                    timeout=60)
+
+
+def delivered_through(postfix: LabPostfix, transport: str, recipient: str, mx: str) -> None:
+    """Wait until ``recipient`` was delivered through ``transport``, verified at ``mx``."""
+    log = wait_log(postfix, rf"{transport}/smtp\[\d+\]: .*to=<{re.escape(recipient)}>.*"
+                            r"status=sent", poke=postfix.flush, timeout=60)
+    assert re.search(rf"Verified TLS connection established to {re.escape(mx)}", log)
+
+
+def only_deferred(log: str, transport: str, recipient: str) -> None:
+    """Every delivery attempt of ``recipient`` through ``transport`` so far was deferred."""
+    tries = re.findall(rf"{transport}/smtp\[\d+\]: .*to=<{re.escape(recipient)}>.*", log)
+    assert all("status=deferred" in line for line in tries), tries
+
+
 def test_a_domain_that_falls_below_the_required_level_defers_and_never_leaves_weaker(
         lab: Lab, stack: tuple[LabPostfix, Milter]) -> None:
     # Accepted as "verified" (DNSSEC, a CA certificate); then an attacker on the path answers
@@ -314,25 +349,22 @@ def test_a_domain_that_falls_below_the_required_level_defers_and_never_leaves_we
     server = lab.server("falls")
     before = len(server.messages)
     genuine = server.behaviour
-    postfix.postconf(defer_transports="tlsmilter-verified")  # hold delivery after acceptance
-    try:
-        send(postfix, message("hal@falls.test", "then its certificate is replaced", "private"))
+
+    def replace_certificate() -> None:
         server.behaviour = Smtp(cert=Cert.SELF_SIGNED)
-        forget(milter, "falls.test")  # the next assessment sees the attacker's certificate
-        postfix.postconf(defer_transports="")
-        log = wait_log(postfix, r"tlsmilter: falls\.test is assessed encrypted now, below the "
-                                r"verified this message requires", poke=postfix.flush, timeout=60)
-        deferred = re.findall(r"tlsmilter-verified/smtp\[\d+\]: .*to=<hal@falls\.test>.*", log)
-        assert deferred and all("status=deferred" in line for line in deferred), deferred
+
+    try:
+        attack_after_acceptance(postfix, milter, "tlsmilter-verified",
+                                message("hal@falls.test", "then its certificate is replaced"),
+                                "falls.test", replace_certificate)
+        log = fell_below(postfix, "falls.test", "encrypted", "verified")
+        only_deferred(log, "tlsmilter-verified", "hal@falls.test")
         assert len(server.messages) == before  # the attacker's server got nothing
         # Once the genuine server is back and assessed again, the message goes, verified.
         server.behaviour = genuine
         forget(milter, "falls.test")
-        log = wait_log(postfix, r"tlsmilter-verified/smtp\[\d+\]: .*to=<hal@falls\.test>.*"
-                                r"status=sent", poke=postfix.flush, timeout=60)
-        assert re.search(r"Verified TLS connection established to mx1\.falls\.test", log)
+        delivered_through(postfix, "tlsmilter-verified", "hal@falls.test", "mx1.falls.test")
     finally:
-        postfix.postconf(defer_transports="")
         server.behaviour = genuine  # the other backend's run needs it as it was
     (received,) = server.wait_for_messages(before + 1, timeout=30)[before:]
     assert received.tls_version == "TLSv1.3"
@@ -346,31 +378,23 @@ def test_blocking_the_mta_sts_policy_host_never_downgrades_a_message(
     server = lab.server("sts-blocked")
     policy_host = lab.https["sts-blocked.test"]
     before = len(server.messages)
-    postfix.postconf(defer_transports="tlsmilter-verified")  # hold delivery after acceptance
     try:
-        send(postfix, message("ida@sts-blocked.test", "then its policy host is blocked",
-                              "private"))
-        policy_host.stop()
-        forget(milter, "sts-blocked.test")  # assessed again while the policy host is blocked
-        postfix.postconf(defer_transports="")
+        attack_after_acceptance(postfix, milter, "tlsmilter-verified",
+                                message("ida@sts-blocked.test", "then its policy is blocked"),
+                                "sts-blocked.test", policy_host.stop)
         if milter.others:
             # The workers keep the policy in Redis: still verified, delivered verified.
-            log = wait_log(postfix, r"tlsmilter-verified/smtp\[\d+\]: .*"
-                                    r"to=<ida@sts-blocked\.test>.*status=sent",
-                           poke=postfix.flush, timeout=60)
-            assert re.search(r"Verified TLS connection established to mx1\.sts-blocked\.test",
-                             log)
+            delivered_through(postfix, "tlsmilter-verified", "ida@sts-blocked.test",
+                              "mx1.sts-blocked.test")
             (received,) = server.wait_for_messages(before + 1, timeout=30)[before:]
             assert received.tls_version == "TLSv1.3"
         else:
-            # forget() restarts serve, and the restarted prober has no policy cache yet: the
-            # domain reads "encrypted", and the message waits rather than leave weaker.
-            wait_log(postfix, r"tlsmilter: sts-blocked\.test is assessed encrypted now, below "
-                              r"the verified this message requires", poke=postfix.flush,
-                     timeout=60)
+            # forget() restarts serve, and in the lab (no state_dir) the restarted prober has
+            # no policy cache: the domain reads "encrypted", and the message waits rather than
+            # leave weaker.
+            fell_below(postfix, "sts-blocked.test", "encrypted", "verified")
             assert len(server.messages) == before
     finally:
-        postfix.postconf(defer_transports="")
         policy_host.start()
 
 
@@ -382,26 +406,21 @@ def test_failing_tlsa_lookups_never_downgrade_a_message_that_required_dane(
     server = lab.server("dane-falls")
     tlsa_name = "_25._tcp.mx1.dane-falls.test."
     before = len(server.messages)
-    postfix.postconf(defer_transports="tlsmilter-dane")  # hold delivery after acceptance
     try:
-        send(postfix, message("ann@dane-falls.test", "then its TLSA lookups fail", "medical"))
-        lab.dns.refuse(tlsa_name)
-        forget(milter, "dane-falls.test")  # assessed again while the lookups fail
-        postfix.postconf(defer_transports="")
+        attack_after_acceptance(postfix, milter, "tlsmilter-dane",
+                                message("ann@dane-falls.test", "then TLSA fails", "medical"),
+                                "dane-falls.test", lambda: lab.dns.refuse(tlsa_name))
         log = wait_log(postfix, r"dane-falls\.test(: assessed \w+| is assessed \w+ now, below "
                                 r"the dane this message requires)", poke=postfix.flush,
                        timeout=60)
-        deferred = re.findall(r"tlsmilter-dane/smtp\[\d+\]: .*to=<ann@dane-falls\.test>.*", log)
-        assert all("status=deferred" in line for line in deferred), deferred
+        only_deferred(log, "tlsmilter-dane", "ann@dane-falls.test")
         assert len(server.messages) == before
         # The lookups answer again: assessed dane again, delivered with DANE.
         lab.dns.unrefuse(tlsa_name)
         forget(milter, "dane-falls.test")
-        log = wait_log(postfix, r"tlsmilter-dane/smtp\[\d+\]: .*to=<ann@dane-falls\.test>.*"
-                                r"status=sent", poke=postfix.flush, timeout=60)
-        assert re.search(r"Verified TLS connection established to mx1\.dane-falls\.test", log)
+        delivered_through(postfix, "tlsmilter-dane", "ann@dane-falls.test",
+                          "mx1.dane-falls.test")
     finally:
-        postfix.postconf(defer_transports="")
         lab.dns.unrefuse(tlsa_name)
     (received,) = server.wait_for_messages(before + 1, timeout=30)[before:]
     assert received.tls_version == "TLSv1.3"
