@@ -134,6 +134,17 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.close(directory)
 
 
+def set_aside(path: Path, suffix: str) -> str:
+    """Rename an unusable state file to ``<name><suffix>`` so the next save starts afresh;
+    what became of it, for the one log line that says so."""
+    aside = path.with_name(path.name + suffix)
+    try:
+        path.replace(aside)
+    except OSError as exc:
+        return f"left in place ({exc.strerror or exc})"
+    return f"set aside as {aside.name}"
+
+
 class StateFile:
     """The snapshot file in a state directory; failures are logged, never raised."""
 
@@ -167,13 +178,7 @@ class StateFile:
         except (OSError, SnapshotError) as exc:
             reason = exc.reason if isinstance(exc, SnapshotError) else (exc.strerror or exc)
             incompatible = isinstance(exc, SnapshotError) and exc.incompatible
-            aside = self.path.with_name(self.path.name +
-                                        (".incompatible" if incompatible else ".corrupt"))
-            try:
-                self.path.replace(aside)
-                where = f"set aside as {aside.name}"
-            except OSError as rename_error:
-                where = f"left in place ({rename_error.strerror or rename_error})"
+            where = set_aside(self.path, ".incompatible" if incompatible else ".corrupt")
             log.warning("cache snapshot %s not loaded, %s: %s; starting with an empty cache",
                         self.path, where, reason)
             return []

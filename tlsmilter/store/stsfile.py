@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from tlsmilter.assess.mtasts import CachedPolicy
-from tlsmilter.store.snapshot import write_atomically
+from tlsmilter.store import snapshot
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def save_policies(path: Path, items: list[tuple[str, CachedPolicy]]) -> bool:
                        "policies": {domain: cached.to_json() for domain, cached in items}},
                       separators=(",", ":"))  # in order: least recently used first
     try:
-        write_atomically(path, text.encode())
+        snapshot.write_atomically(path, text.encode())
     except OSError as exc:
         log.debug("cannot save MTA-STS policies to %s: %s", path, exc.strerror or exc)
         return False
@@ -51,13 +51,8 @@ def load_policies(path: Path, *, set_aside: bool = True) -> list[tuple[str, Cach
         if not set_aside:
             log.debug("MTA-STS policy cache %s not read: %s", path, exc)
             return []
-        aside = path.with_name(path.name + ".corrupt")
-        try:
-            path.replace(aside)
-        except OSError:
-            aside = path
-        log.warning("MTA-STS policy cache %s not loaded (set aside as %s): %s", path,
-                    aside.name, exc)
+        log.warning("MTA-STS policy cache %s not loaded, %s: %s", path,
+                    snapshot.set_aside(path, ".corrupt"), exc)
         return []
     items = []
     for domain, raw in policies.items():
