@@ -22,7 +22,7 @@ from tlsmilter.core.delivery import DomainPolicy
 from tlsmilter.core.overrides import Override
 from tlsmilter.daemons import instrument
 from tlsmilter.daemons.sdnotify import sd_notify
-from tlsmilter.daemons.socketmap import Lookup, PolicyServer
+from tlsmilter.daemons.socketmap import Lookup, PolicyServer, PolicyServerError
 from tlsmilter.errors import TlsmilterError
 from tlsmilter.store.base import Assessments
 from tlsmilter.store.redis.connection import describe
@@ -76,24 +76,37 @@ def overrides_of(current: Callable[[], config.Config]) -> Callable[[], Mapping[s
     return overrides
 
 
-def start_policy_server(assessments: Assessments, settings: config.PolicyServerSettings,
-                        loop: asyncio.AbstractEventLoop,
-                        current: Callable[[], config.Config] | None = None
-                        ) -> PolicyServer | None:
-    """Listen on ``policy_server.socket`` from ``loop`` (running in another thread);
-    ``current`` gives the configuration whose per-domain overrides apply."""
-    path = unix_path(settings.socket)
-    if path is None:
-        return None
+async def open_policy_server(assessments: Assessments,
+                             settings: config.PolicyServerSettings, path: Path,
+                             current: Callable[[], config.Config] | None = None
+                             ) -> PolicyServer:
+    """The socketmap server on ``path``, listening; ``current`` gives the configuration whose
+    per-domain overrides apply. A socket that cannot be set up is a ``TlsmilterError`` that
+    names ``policy_server.socket``."""
     server = PolicyServer(policy_lookup(assessments), str(path), map_name=settings.map_name,
                           mode=int(settings.socket_mode, 8),
                           overrides=overrides_of(current) if current else None)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
+        await server.start()
     except (OSError, TlsmilterError) as exc:
-        raise TlsmilterError(f"policy_server.socket {settings.socket}: {exc}") from None
+        reason = (exc.reason if isinstance(exc, PolicyServerError)
+                  else exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
+        raise TlsmilterError(f"policy_server.socket {settings.socket}: {reason}") from None
     return server
+
+
+def start_policy_server(assessments: Assessments, settings: config.PolicyServerSettings,
+                        loop: asyncio.AbstractEventLoop,
+                        current: Callable[[], config.Config] | None = None
+                        ) -> PolicyServer | None:
+    """``open_policy_server`` on ``loop`` (running in another thread); None when
+    ``policy_server.socket`` is no unix socket."""
+    path = unix_path(settings.socket)
+    if path is None:
+        return None
+    return asyncio.run_coroutine_threadsafe(
+        open_policy_server(assessments, settings, path, current), loop).result(10)
 
 
 def run_policy_server(settings: config.Config) -> int:
@@ -101,22 +114,15 @@ def run_policy_server(settings: config.Config) -> int:
     if settings.cache.backend is not config.CacheBackend.REDIS:
         raise TlsmilterError('policy-server needs cache.backend = "redis": with the embedded '
                              "cache, tlsmilter serve runs the policy server itself")
-    path = Path(settings.policy_server.socket.removeprefix("unix:"))
+    path = unix_path(settings.policy_server.socket)
+    assert path is not None  # config accepts only unix:/PATH here
     instrument.init_labels(settings)
     stop_metrics = instrument.start_metrics_server(settings.policy_server.metrics_listen)
     assessments = SharedAssessments(settings)
 
     async def main() -> None:
-        server = PolicyServer(policy_lookup(assessments), str(path),
-                              map_name=settings.policy_server.map_name,
-                              mode=int(settings.policy_server.socket_mode, 8),
-                              overrides=overrides_of(lambda: settings))
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            await server.start()
-        except OSError as exc:
-            raise TlsmilterError(f"policy_server.socket {settings.policy_server.socket}: "
-                                 f"{exc.strerror or exc}") from None
+        server = await open_policy_server(assessments, settings.policy_server, path,
+                                          lambda: settings)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
